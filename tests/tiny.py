@@ -6,9 +6,10 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.config import TreeConfig
-from specdec.drafter import HeadDrafter
+from specdec.drafter import Drafter, DrafterUnavailable, DraftSession, HeadDrafter
 from specdec.head import DraftHead, HeadConfig
 from specdec.target import TargetRunner
+from specdec.tree import DraftTree
 
 
 class CharTokenizer:
@@ -55,3 +56,54 @@ def tiny_head(runner: TargetRunner, variant: str = "fspad", seed: int = 0, draft
 
 def tiny_drafter(runner: TargetRunner, tree: TreeConfig = TreeConfig(top_k=3, depth=4, total_tokens=10), **kw) -> HeadDrafter:
     return HeadDrafter(tiny_head(runner, **kw), tree)
+
+
+class OracleDrafter(Drafter):
+    """A test drafter that looks at the target itself: for the root it proposes the target's
+    `width` most likely tokens, each followed by the target's greedy chain. Trees are therefore
+    often (not always) accepted deep, which exercises every commit length."""
+
+    def __init__(self, runner: TargetRunner, width: int = 2, depth: int = 3, fail_every: int = 0):
+        self.runner, self.width, self.depth, self.fail_every = runner, width, depth, fail_every
+        self.proposals = 0
+
+    @property
+    def budget(self) -> int:
+        return 1 + self.width * self.depth
+
+    def open(self, token_ids, features) -> "OracleSession":
+        return OracleSession(self, list(token_ids))
+
+
+class OracleSession(DraftSession):
+    def __init__(self, drafter: OracleDrafter, tokens: list[int]):
+        self.drafter, self.tokens = drafter, tokens
+
+    def extend(self, token_ids, features) -> None:
+        assert features.shape[0] == len(token_ids)
+        self.tokens += list(token_ids)
+
+    @torch.inference_mode()
+    def _next_logits(self, ids: list[int]) -> torch.Tensor:
+        return self.drafter.runner.model(input_ids=torch.tensor([ids])).logits[0, -1]
+
+    def propose(self) -> DraftTree:
+        d = self.drafter
+        d.proposals += 1
+        if d.fail_every and d.proposals % d.fail_every == 0:
+            raise DrafterUnavailable("oracle drafter simulated outage")
+        tokens, parents = [self.tokens[-1]], [-1]
+        for first in torch.topk(self._next_logits(self.tokens), d.width).indices.tolist():
+            seq, parent = self.tokens + [first], 0
+            tokens.append(first)
+            parents.append(parent)
+            for _ in range(d.depth - 1):
+                parent = len(tokens) - 1
+                nxt = int(self._next_logits(seq).argmax())
+                seq.append(nxt)
+                tokens.append(nxt)
+                parents.append(parent)
+        return DraftTree(tokens, parents)
+
+    def close(self) -> None:
+        self.tokens = []
