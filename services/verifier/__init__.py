@@ -1,0 +1,1 @@
+"""The verifier service: target model, scheduler and the OpenAI-compatible HTTP API."""

@@ -1,0 +1,60 @@
+"""Verifier settings: command-line flags over SPECDEC_VERIFIER_* environment variables over
+defaults, parsed once at start (never at import)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+
+from specdec.config import TreeConfig
+
+_TREE = TreeConfig()
+
+
+class VerifierSettings(BaseSettings):
+    """Everything the verifier service can be told; `python -m services.verifier --help` lists it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SPECDEC_VERIFIER_",
+        cli_kebab_case=True,
+        cli_prog_name="python -m services.verifier",
+        cli_implicit_flags=True,
+    )
+
+    host: str = Field("127.0.0.1", description="address to listen on")
+    port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
+    drafter: str = Field(
+        "embedded",
+        description="'embedded' (draft head in this process), 'none' (plain decoding) or HOST:PORT of a drafter service",
+    )
+    model: str | None = Field(None, description="Llama-family model directory (default: SmolLM2-135M-Instruct GGUF)")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="target weights dtype")
+    device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
+    served_model_name: str | None = Field(None, description="model id in the API (default: the target's name)")
+    head: str | None = Field(None, description="embedded drafter: head directory or 'random' (default: the shipped head)")
+    top_k: int = Field(_TREE.top_k, ge=1, description="embedded drafter: children expanded per draft node")
+    depth: int = Field(_TREE.depth, ge=1, description="embedded drafter: draft tree depth")
+    total_tokens: int = Field(_TREE.total_tokens, ge=1, description="embedded drafter: tree nodes per round")
+    drafter_timeout: float = Field(2.0, gt=0, description="remote drafter: deadline of one call, seconds")
+    drafter_retry_rounds: int = Field(8, ge=1, description="rounds of plain decoding before retrying a failed drafter")
+    feature_dtype: Literal["float16", "bfloat16", "float32"] = Field(
+        "float16", description="remote drafter: dtype of the features on the wire"
+    )
+    max_tree_tokens: int = Field(64, ge=1, description="remote drafter: largest tree accepted per round")
+    api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* when set")
+    max_concurrency: int = Field(1, ge=1, description="generations running at once")
+    max_queue: int = Field(16, ge=0, description="requests waiting for a slot before 429")
+    max_n: int = Field(4, ge=1, description="largest n (choices per request)")
+    default_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens generate at most this")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    def tree(self) -> TreeConfig:
+        return TreeConfig(top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens)
+
+
+def parse_settings(argv: list[str] | None) -> VerifierSettings:
+    """Flags from argv (None: sys.argv), then the environment, then defaults."""
+    return CliApp.run(VerifierSettings, cli_args=argv)
