@@ -24,7 +24,9 @@ class CharTokenizer:
         return [ord(c) - 65 for c in text]
 
 
-def tiny_runner(seed: int = 0, vocab: int = 64, eos: int | None = None, max_pos: int = 512) -> TargetRunner:
+def tiny_runner(
+    seed: int = 0, vocab: int = 64, eos: int | None = None, max_pos: int = 512, sharpness: float = 4.0
+) -> TargetRunner:
     torch.manual_seed(seed)
     cfg = LlamaConfig(
         vocab_size=vocab,
@@ -40,8 +42,8 @@ def tiny_runner(seed: int = 0, vocab: int = 64, eos: int | None = None, max_pos:
         tie_word_embeddings=False,
     )
     model = LlamaForCausalLM(cfg).eval().requires_grad_(False)
-    with torch.no_grad():  # sharpen the output a little so trees get accepted sometimes
-        model.lm_head.weight.mul_(4.0)
+    with torch.no_grad():  # sharpen the output so that trees get accepted sometimes
+        model.lm_head.weight.mul_(sharpness)
     return TargetRunner(model, CharTokenizer(), name="tiny")
 
 

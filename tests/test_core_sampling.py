@@ -1,0 +1,116 @@
+"""Lossless sampling: speculative output follows the target's warped distribution exactly.
+
+Statistical tests use fixed seeds (deterministic) and reject at significance 1e-3 (chi-square,
+bins with expected count < 5 merged).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chisquare
+
+from specdec.config import SamplingParams, StopConfig
+from specdec.generate import Generation
+from specdec.sampling import make_generator, warp_probs
+from specdec.tree import DraftTree
+from specdec.verify import verify_sampling
+from tests.tiny import OracleDrafter, tiny_runner
+
+ALPHA = 1e-3
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny-model forwards are overhead-bound: one thread is faster and immune to a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def chi2_pvalue(samples: list[int], probs: np.ndarray) -> float:
+    """p-value of samples against probs; low-expectation bins are merged into one."""
+    n = len(samples)
+    counts = Counter(samples)
+    assert all(probs[t] > 0 for t in counts), "sampled a token of probability zero"
+    expected = probs * n
+    big = expected >= 5
+    obs = [counts.get(int(t), 0) for t in np.flatnonzero(big)]
+    exp = list(expected[big])
+    rest_obs, rest_exp = n - sum(obs), n - sum(exp)
+    if rest_exp > 1e-9:
+        obs.append(rest_obs)
+        exp.append(rest_exp)
+    exp = np.asarray(exp) * (sum(obs) / sum(exp))
+    return float(chisquare(obs, exp).pvalue)
+
+
+def test_verify_sampling_first_token_follows_target():
+    gen = torch.Generator().manual_seed(0)
+    vocab = 12
+    probs = torch.softmax(torch.randn(7, vocab, generator=gen) * 1.5, -1)
+    # root proposes tokens 3, 5, 0; node 1 (token 3) proposes 4, 4's node proposes 1
+    tree = DraftTree([9, 3, 5, 0, 4, 7, 1], [-1, 0, 0, 0, 1, 1, 4])
+    firsts, seconds_after_3 = [], []
+    g = make_generator(1)
+    for _ in range(20000):
+        acc = verify_sampling(tree.tokens, tree.parents, probs, g)
+        emitted = [tree.tokens[i] for i in acc.path[1:]] + [acc.bonus_token]
+        firsts.append(emitted[0])
+        if emitted[0] == 3 and len(emitted) > 1:
+            seconds_after_3.append(emitted[1])
+    assert chi2_pvalue(firsts, probs[0].double().numpy()) > ALPHA
+    # whenever token 3 was accepted, the next token follows node 1's distribution
+    assert chi2_pvalue(seconds_after_3, probs[1].double().numpy()) > ALPHA
+
+
+def exact_second_token(runner, prompt: list[int], params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
+    """Exact marginals of the first and second generated tokens under warped target sampling."""
+    vocab = runner.vocab_size
+    with torch.inference_mode():
+        p1 = warp_probs(runner.model(input_ids=torch.tensor([prompt])).logits[0, -1], params).double()
+        batch = torch.tensor([prompt + [t] for t in range(vocab)])
+        p2_given = warp_probs(runner.model(input_ids=batch).logits[:, -1], params).double()
+    return p1.numpy(), (p1 @ p2_given).numpy()
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.8, top_k=8),
+        SamplingParams(temperature=1.3, top_p=0.7),
+    ],
+    ids=["t1", "topk", "topp"],
+)
+def test_speculative_sampling_matches_target_distribution(params):
+    runner = tiny_runner(11, sharpness=8.0)
+    prompt = [5, 17, 42, 8]
+    p1, p2 = exact_second_token(runner, prompt, params)
+    drafter = OracleDrafter(runner, width=3, depth=2)
+    firsts, seconds, accepted = [], [], 0
+    for seed in range(2000):
+        s = SamplingParams(params.temperature, params.top_p, params.top_k, seed=seed)
+        gen = Generation(runner, prompt, s, StopConfig(max_new_tokens=2), drafter)
+        list(gen)
+        firsts.append(gen.token_ids[0])
+        seconds.append(gen.token_ids[1])
+        accepted += sum(gen.stats.accepted_per_round)
+    assert accepted > 300, "the drafter should be right often enough to exercise acceptance"
+    assert chi2_pvalue(firsts, p1) > ALPHA
+    assert chi2_pvalue(seconds, p2) > ALPHA
+
+
+def test_plain_sampling_is_seeded_and_reproducible():
+    runner = tiny_runner(12)
+    params = SamplingParams(temperature=1.0, seed=7)
+    runs = []
+    for drafter in (None, None, OracleDrafter(runner), OracleDrafter(runner)):
+        gen = Generation(runner, [1, 2, 3], params, StopConfig(max_new_tokens=20), drafter)
+        list(gen)
+        runs.append(gen.token_ids)
+    assert runs[0] == runs[1] and runs[2] == runs[3]

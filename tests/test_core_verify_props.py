@@ -1,0 +1,127 @@
+"""Property tests of the pure core: tree helpers, greedy and sampling acceptance, warping."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specdec.config import SamplingParams
+from specdec.sampling import make_generator, warp_probs
+from specdec.tree import DraftTree, ancestor_matrix, select_nodes, subtree
+from specdec.verify import verify_greedy, verify_sampling
+
+VOCAB = 8
+
+
+@st.composite
+def trees(draw, max_nodes: int = 12) -> DraftTree:
+    n = draw(st.integers(1, max_nodes))
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+    tokens = draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n))
+    return DraftTree(tokens, parents)
+
+
+@st.composite
+def prob_tables(draw, n: int) -> torch.Tensor:
+    """n distributions over VOCAB with some exact zeros."""
+    rows = []
+    for _ in range(n):
+        w = draw(st.lists(st.sampled_from([0.0, 0.01, 0.1, 0.5, 1.0, 3.0]), min_size=VOCAB, max_size=VOCAB))
+        if sum(w) == 0:
+            w[draw(st.integers(0, VOCAB - 1))] = 1.0
+        rows.append(torch.tensor(w, dtype=torch.float64) / sum(w))
+    return torch.stack(rows)
+
+
+def assert_root_path(tree: DraftTree, path: list[int]) -> None:
+    assert path[0] == 0
+    for a, b in zip(path, path[1:]):
+        assert tree.parents[b] == a
+
+
+@given(trees(), st.data())
+def test_greedy_path_follows_argmax(tree, data):
+    argmax = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=len(tree), max_size=len(tree)))
+    acc = verify_greedy(tree.tokens, tree.parents, argmax)
+    assert_root_path(tree, acc.path)
+    for a, b in zip(acc.path, acc.path[1:]):
+        assert tree.tokens[b] == argmax[a]
+    last = acc.path[-1]
+    assert acc.bonus_token == argmax[last]
+    assert all(tree.tokens[c] != argmax[last] for c, p in enumerate(tree.parents) if p == last)
+
+
+@settings(max_examples=200)
+@given(trees(), st.data(), st.integers(0, 2**31 - 1))
+def test_sampling_path_is_valid_and_bonus_is_possible(tree, data, seed):
+    probs = data.draw(prob_tables(len(tree)))
+    acc = verify_sampling(tree.tokens, tree.parents, probs, make_generator(seed))
+    assert_root_path(tree, acc.path)
+    for a, b in zip(acc.path, acc.path[1:]):
+        assert probs[a, tree.tokens[b]] > 0  # never accepts an impossible token
+    last = acc.path[-1]
+    assert 0 <= acc.bonus_token < VOCAB
+    assert probs[last, acc.bonus_token] > 0
+    rejected = {tree.tokens[c] for c, p in enumerate(tree.parents) if p == last}
+    support = {t for t in range(VOCAB) if probs[last, t] > 0}
+    if not support <= rejected:  # the bonus comes from the residual, without rejected tokens
+        assert acc.bonus_token not in rejected
+
+
+@given(trees(), st.data())
+def test_point_mass_sampling_equals_greedy(tree, data):
+    argmax = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=len(tree), max_size=len(tree)))
+    probs = torch.nn.functional.one_hot(torch.tensor(argmax), VOCAB).double()
+    assert verify_sampling(tree.tokens, tree.parents, probs, make_generator(0)) == verify_greedy(
+        tree.tokens, tree.parents, argmax
+    )
+
+
+@given(
+    st.lists(st.floats(-20, 20), min_size=2, max_size=30),
+    st.floats(0.05, 3.0),
+    st.integers(0, 40),
+    st.floats(0.01, 1.0),
+)
+def test_warp_probs_is_a_distribution_with_the_right_support(logits, temperature, top_k, top_p):
+    x = torch.tensor(logits)
+    p = warp_probs(x, SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p))
+    assert torch.all(p >= 0) and abs(float(p.sum()) - 1.0) < 1e-5
+    order = torch.argsort(x, descending=True, stable=True)
+    kept = p > 0
+    # kept tokens are a prefix of the logit ranking (up to ties)
+    if (~kept).any():
+        assert x[kept].min() >= x[~kept].max()
+    if top_k and top_k < len(logits):
+        kth = torch.topk(x, top_k).values[-1]
+        assert int(kept.sum()) <= int((x >= kth).sum())
+    if top_p < 1.0:
+        # dropping the smallest kept token would leave less than top_p of the (top-k) mass
+        base = warp_probs(x, SamplingParams(temperature=temperature, top_k=top_k))
+        kept_mass = float(base[kept].sum())
+        smallest = float(base[kept].min())
+        assert kept_mass - smallest < top_p + 1e-5
+    assert bool(kept[order[0]])
+
+
+@given(st.lists(st.floats(-5, 5), min_size=2, max_size=30))
+def test_greedy_warp_is_one_hot_argmax(logits):
+    p = warp_probs(torch.tensor(logits), SamplingParams())
+    assert float(p.sum()) == 1.0 and int(p.argmax()) == int(torch.tensor(logits).argmax())
+
+
+@given(trees(max_nodes=20), st.data())
+def test_select_nodes_keeps_parents_and_order(tree, data):
+    depth = tree.depths()
+    # cumulative scores: a child never outscores its parent
+    scores = [0.0]
+    for i in range(1, len(tree)):
+        scores.append(scores[tree.parents[i]] - data.draw(st.floats(0, 5)))
+    total = data.draw(st.integers(1, len(tree) + 2))
+    kept = select_nodes(tree.parents, scores, total)
+    assert kept[0] == 0 and kept == sorted(kept) and len(kept) == min(total, len(tree))
+    small = subtree(tree.tokens, tree.parents, kept)
+    assert [small.depths()[j] for j in range(len(kept))] == [depth[i] for i in kept]
+    anc = ancestor_matrix(small.parents)
+    assert bool(anc.diagonal().all()) and bool(anc[:, 0].all())
