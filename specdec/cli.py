@@ -100,7 +100,8 @@ def run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = [_generate_parser]
+from specdec.train.cli import train_parser  # noqa: E402 (a light module; its imports are lazy)
+COMMANDS = [_generate_parser, train_parser]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:

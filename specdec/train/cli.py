@@ -1,0 +1,205 @@
+"""`specdec train extract|regenerate|vocab|fit|evaluate`: the training pipeline's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Callable
+
+from specdec.config import ConfigError
+
+
+def default_cache_root() -> Path:
+    """Where features and checkpoints go by default (outside the repository)."""
+    from specdec.target import converted_cache_dir
+
+    return converted_cache_dir().parent.parent / "train"
+
+
+def _model_args(p: argparse.ArgumentParser) -> None:
+    from specdec.cli import add_model_args
+
+    add_model_args(p)
+
+
+def _runner(args: argparse.Namespace):
+    from specdec.cli import load_runner
+
+    return load_runner(args)
+
+
+def _print(result: dict) -> int:
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def _extract(sub) -> None:
+    p = sub.add_parser("extract", help="store token ids, assistant masks and target features of conversations")
+    p.add_argument("--data", required=True, help="conversations JSONL (OpenAI messages format)")
+    p.add_argument("--out", required=True, help="feature cache folder (created; rerun to continue)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N valid conversations")
+    p.add_argument("--max-len", type=int, default=768, help="truncate conversations to this many tokens")
+    p.add_argument("--shard-size", type=int, default=64, help="conversations per shard (the unit of resuming)")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.train.extract import extract
+
+        return _print(extract(_runner(args), args.data, args.out, args.limit, args.max_len, args.shard_size))
+
+    p.set_defaults(train_handler=run)
+
+
+def _regenerate(sub) -> None:
+    p = sub.add_parser("regenerate", help="answer the training prompts with the target and store its features")
+    p.add_argument("--data", required=True, help="conversations JSONL; the prompt is everything before the first reply")
+    p.add_argument("--out", required=True, help="feature cache folder (created; rerun to continue)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N valid conversations")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
+    p.add_argument("--max-prompt", type=int, default=512, help="skip (and count) longer prompts")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy answers, else sampled")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--shard-size", type=int, default=64, help="conversations per shard (the unit of resuming)")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.train.regenerate import regenerate
+
+        runner = _runner(args)
+        return _print(
+            regenerate(
+                runner, args.data, args.out, args.limit, args.max_new_tokens, args.max_prompt,
+                args.batch_size, args.temperature, args.seed, args.shard_size,
+            )
+        )
+
+    p.set_defaults(train_handler=run)
+
+
+def _load_caches(runner, caches: list[str]):
+    from specdec.train.cache import load_sequences
+
+    return [s for c in caches for s in load_sequences(c, runner)]
+
+
+def _vocab(sub) -> None:
+    p = sub.add_parser("vocab", help="choose the draft vocabulary (most frequent assistant tokens) and write d2t")
+    p.add_argument("--cache", action="append", required=True, help="feature cache folder (repeatable)")
+    p.add_argument("--size", type=int, default=8192, help="draft vocabulary size")
+    p.add_argument("--out", default=None, help="vocab file (default: CACHE/vocab.safetensors of the first cache)")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.train.cache import VOCAB_FILE, target_fingerprint
+        from specdec.train.vocab import choose_vocab, save_vocab
+
+        runner = _runner(args)
+        sequences = _load_caches(runner, args.cache)
+        d2t, coverage = choose_vocab(sequences, args.size, runner.vocab_size, runner.eos_token_ids)
+        out = args.out or str(Path(args.cache[0]) / VOCAB_FILE)
+        save_vocab(out, d2t, target_fingerprint(runner), coverage)
+        tokens = sum(int(s.mask.sum()) for s in sequences)
+        return _print({"vocab": out, "size": args.size, "assistant_tokens": tokens, "coverage": round(coverage, 4)})
+
+    p.set_defaults(train_handler=run)
+
+
+def _fit(sub) -> None:
+    from specdec.train.fit import FitConfig
+
+    d = FitConfig()
+    p = sub.add_parser("fit", help="distil a draft head from cached features (resumes from --out)")
+    p.add_argument("--cache", action="append", required=True, help="feature cache folder (repeatable)")
+    p.add_argument("--vocab", default=None, help="vocab file (default: CACHE/vocab.safetensors of the first cache)")
+    p.add_argument("--out", required=True, help="run folder: checkpoint.pt, log.jsonl and the exported head/")
+    p.add_argument("--variant", choices=["fspad", "eagle2"], default="fspad", help="head variant")
+    p.add_argument("--no-feature-sampling", action="store_true", help="FSPAD ablation: plain linear fusion")
+    p.add_argument("--no-partial-alignment", action="store_true", help="FSPAD ablation: one output for both losses")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimiser steps in the whole run")
+    p.add_argument("--tokens-per-step", type=int, default=d.tokens_per_step, help="tokens per batch")
+    p.add_argument("--lr", type=float, default=d.lr, help="peak learning rate")
+    p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
+    p.add_argument("--noise", type=float, default=d.noise, help="half-width of the uniform noise on input features")
+    p.add_argument("--seed", type=int, default=d.seed, help="seed of init, batch order and noise")
+    p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.train.cache import VOCAB_FILE, target_fingerprint
+        from specdec.train.fit import epochs, fit
+        from specdec.train.vocab import load_vocab
+
+        if args.variant == "eagle2" and (args.no_feature_sampling or args.no_partial_alignment):
+            raise ConfigError("the ablation switches apply to --variant fspad")
+        runner = _runner(args)
+        sequences = _load_caches(runner, args.cache)
+        d2t = load_vocab(args.vocab or Path(args.cache[0]) / VOCAB_FILE, target_fingerprint(runner), runner.vocab_size)
+        on = args.variant == "fspad"
+        cfg = FitConfig(
+            variant=args.variant,
+            feature_sampling=on and not args.no_feature_sampling,
+            partial_alignment=on and not args.no_partial_alignment,
+            steps=args.steps,
+            tokens_per_step=args.tokens_per_step,
+            lr=args.lr,
+            warmup_steps=args.warmup_steps,
+            noise=args.noise,
+            seed=args.seed,
+            data=",".join(str(Path(c).resolve()) for c in args.cache),
+        )
+        result = fit(runner, sequences, d2t, cfg, args.out, args.checkpoint_every)
+        return _print({**result, "epochs": round(epochs(cfg, sequences), 2), "head": str(Path(args.out) / "head")})
+
+    p.set_defaults(train_handler=run)
+
+
+def _evaluate(sub) -> None:
+    from specdec.cli import add_tree_args
+
+    p = sub.add_parser("evaluate", help="tau of a head on Spec-Bench-format questions (overall, per category, by depth)")
+    p.add_argument("--head", required=True, help="head directory, or 'random'")
+    p.add_argument("--questions", required=True, help="Spec-Bench-format JSONL (question_id, category, turns)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N valid questions")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per turn at most")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    p.add_argument("--json", default=None, help="write the result here; finished questions go to OUT.progress.jsonl (resumable)")
+    _model_args(p)
+    add_tree_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.cli import tree_from_args
+        from specdec.drafter import load_head_drafter
+        from specdec.train.data import read_questions
+        from specdec.train.evaluate import evaluate
+
+        questions, report = read_questions(args.questions, args.limit)
+        report.warn(args.questions)
+        runner = _runner(args)
+        drafter = load_head_drafter(runner, args.head, tree_from_args(args))
+        progress = f"{args.json}.progress.jsonl" if args.json else None
+        result = {"head": args.head, "skipped_lines": len(report.skipped)}
+        result.update(evaluate(runner, drafter, questions, args.temperature, args.max_new_tokens, args.seed, progress))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return _print(result)
+
+    p.set_defaults(train_handler=run)
+
+
+SUBCOMMANDS: list[Callable] = [_extract, _regenerate, _vocab, _fit, _evaluate]
+
+
+def train_parser(sub) -> Callable[[argparse.Namespace], int]:
+    """Register `specdec train` and its subcommands on the top-level subparsers."""
+    p = sub.add_parser("train", help="distil draft heads: extract, regenerate, vocab, fit, evaluate")
+    steps = p.add_subparsers(dest="train_command", required=True)
+    for make in SUBCOMMANDS:
+        make(steps)
+
+    def run(args: argparse.Namespace) -> int:
+        return args.train_handler(args)
+
+    return run

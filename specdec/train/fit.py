@@ -1,0 +1,236 @@
+"""Distillation of a draft head from cached target features (FSPAD or EAGLE-2 losses).
+
+Pair i of a sequence is (feature f_i, token t_{i+1}); the head predicts f_{i+1} and the
+target's distribution of token i+2, which is softmax(lm_head(f_{i+1})) with the target's
+frozen LM head. Losses (DESIGN.md / the FSPAD paper): Smooth L1 on the predicted feature
+(weight 1.0) and soft cross-entropy on the logits (weight 0.1); with partial alignment each
+loss sees only its own half of the head's output. Uniform noise on the input features, AdamW
+(0.9, 0.95), linear warm-up, gradient clipping 0.5.
+
+Our choices, not the paper's:
+- lr 1e-3 (paper 5e-5) with linear decay to 0: our budget is a few hundred steps on a CPU,
+  not epochs over ShareGPT on GPUs; the small lr barely moves a fresh head in that time.
+- the target distribution is normalised over the draft vocabulary only (as EAGLE-3 does):
+  the head can only ever propose those tokens, and the full 49k softmax would cost as much
+  as the head itself on this CPU.
+- losses are taken only where the input token t_{i+1} belongs to an assistant reply.
+
+Resuming from a checkpoint reproduces an uninterrupted run exactly: the batch order is a pure
+function of (seed, epoch) and the noise of (seed, step); the lr is a pure function of the step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from specdec.config import ConfigError
+from specdec.head import DraftHead, HeadConfig
+from specdec.target import TargetRunner
+from specdec.train.cache import Sequence
+
+CHECKPOINT_FILE = "checkpoint.pt"
+LOG_FILE = "log.jsonl"
+HEAD_DIR = "head"
+
+
+@dataclass(frozen=True)
+class FitConfig:
+    """Everything that determines a training run (a checkpoint only resumes an equal one)."""
+
+    variant: str = "fspad"
+    feature_sampling: bool = True
+    partial_alignment: bool = True
+    steps: int = 400
+    tokens_per_step: int = 2048
+    lr: float = 1e-3
+    warmup_steps: int = 20
+    feature_weight: float = 1.0
+    logit_weight: float = 0.1
+    noise: float = 0.1
+    clip: float = 0.5
+    seed: int = 0
+    data: str = ""
+
+    def lr_at(self, step: int) -> float:
+        """Linear warm-up to `lr`, then linear decay to 0 at `steps`."""
+        if step < self.warmup_steps:
+            return self.lr * (step + 1) / self.warmup_steps
+        return self.lr * max(0.0, (self.steps - step) / max(1, self.steps - self.warmup_steps))
+
+
+def batch_schedule(lengths: list[int], tokens_per_step: int, seed: int, steps: int) -> list[list[int]]:
+    """Sequence indices of every step: each epoch a seeded permutation, cut greedily into
+    batches of at most `tokens_per_step` tokens (at least one sequence each)."""
+    out: list[list[int]] = []
+    epoch = 0
+    while len(out) < steps:
+        order = torch.randperm(len(lengths), generator=torch.Generator().manual_seed(seed * 1000 + epoch)).tolist()
+        batch, used = [], 0
+        for i in order:
+            if batch and used + lengths[i] > tokens_per_step:
+                out.append(batch)
+                batch, used = [], 0
+            batch.append(i)
+            used += lengths[i]
+        out.append(batch)
+        epoch += 1
+    return out[:steps]
+
+
+def _pad(sequences: list[Sequence], device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Right-padded ids [B, L], features [B, L, d] (float32), assistant mask and valid mask [B, L]."""
+    longest = max(len(s.ids) for s in sequences)
+    d = sequences[0].features.shape[-1]
+    ids = torch.zeros(len(sequences), longest, dtype=torch.long)
+    feats = torch.zeros(len(sequences), longest, d)
+    mask = torch.zeros(len(sequences), longest, dtype=torch.bool)
+    valid = torch.zeros(len(sequences), longest, dtype=torch.bool)
+    for b, s in enumerate(sequences):
+        n = len(s.ids)
+        ids[b, :n], feats[b, :n], mask[b, :n], valid[b, :n] = s.ids, s.features.float(), s.mask, True
+    return ids.to(device), feats.to(device), mask.to(device), valid.to(device)
+
+
+def losses(head: DraftHead, batch: list[Sequence], cfg: FitConfig, step: int) -> dict[str, torch.Tensor]:
+    """Feature loss, logit loss, their weighted sum and draft top-1 accuracy on one batch."""
+    device = head.fc.weight.device
+    ids, feats, mask, valid = _pad(batch, device)
+    inputs, targets = feats[:, :-1], feats[:, 1:]
+    if cfg.noise:
+        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+        inputs = inputs + (torch.rand(inputs.shape, generator=gen) * 2 - 1).to(device) * cfg.noise
+    positions = torch.arange(inputs.shape[1], device=device).expand(inputs.shape[0], -1)
+    logit_hidden, predicted = head(inputs, ids[:, 1:], positions)
+    # Right padding never leaks into real positions: attention is causal.
+    keep = mask[:, 1:] & valid[:, 1:]
+    target = targets[keep]
+    feature_loss = F.smooth_l1_loss(predicted[keep], target, reduction="none").mean(-1).mean()
+    with torch.no_grad():
+        target_probs = torch.softmax(head.logits(target), -1)
+    draft_logp = torch.log_softmax(head.logits(logit_hidden[keep]), -1)
+    logit_loss = -(target_probs * draft_logp).sum(-1).mean()
+    accuracy = (draft_logp.argmax(-1) == target_probs.argmax(-1)).float().mean()
+    total = cfg.feature_weight * feature_loss + cfg.logit_weight * logit_loss
+    return {"loss": total, "feature": feature_loss, "logit": logit_loss, "acc": accuracy}
+
+
+def new_head(runner: TargetRunner, cfg: FitConfig, d2t: torch.Tensor) -> DraftHead:
+    hcfg = HeadConfig.for_target(
+        runner.config,
+        cfg.variant,
+        draft_vocab_size=d2t.numel(),
+        target=runner.name,
+        feature_sampling=cfg.feature_sampling,
+        partial_alignment=cfg.partial_alignment,
+    )
+    torch.manual_seed(cfg.seed)
+    head = DraftHead(hcfg, runner.embed_tokens, runner.lm_head.weight).to(runner.device)
+    head.set_draft_vocab(d2t)
+    return head
+
+
+class _StopFlag:
+    """Turns SIGTERM/SIGINT into a request to checkpoint and stop after the current step."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self._old[sig] = signal.signal(sig, self._set)
+        return self
+
+    def _set(self, *_) -> None:
+        self.stop = True
+
+    def __exit__(self, *_) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _save_checkpoint(out: Path, head: DraftHead, opt: torch.optim.Optimizer, cfg: FitConfig, step: int) -> None:
+    state = {
+        "step": step,
+        "fit": asdict(cfg),
+        "head_config": asdict(head.cfg),
+        "head": {k: v.cpu() for k, v in head.state_dict().items()},
+        "optimizer": opt.state_dict(),
+    }
+    tmp = out / f"{CHECKPOINT_FILE}.tmp{os.getpid()}"
+    torch.save(state, tmp)
+    tmp.replace(out / CHECKPOINT_FILE)
+    head.save(out / HEAD_DIR)
+
+
+def _resume(out: Path, head: DraftHead, opt: torch.optim.Optimizer, cfg: FitConfig) -> int:
+    """Load the checkpoint in `out` if any; returns the step to continue from."""
+    path = out / CHECKPOINT_FILE
+    if not path.is_file():
+        return 0
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state["fit"] != asdict(cfg):
+        changed = {k: (v, asdict(cfg)[k]) for k, v in state["fit"].items() if asdict(cfg).get(k) != v}
+        raise ConfigError(f"checkpoint {path} belongs to another run (setting: (checkpoint, now)) {changed}; use another --out")
+    if state["head_config"] != asdict(head.cfg):
+        raise ConfigError(f"checkpoint {path} holds a head for another target or vocabulary: {state['head_config']}")
+    head.load_state_dict(state["head"])
+    opt.load_state_dict(state["optimizer"])
+    return int(state["step"])
+
+
+def fit(
+    runner: TargetRunner,
+    sequences: list[Sequence],
+    d2t: torch.Tensor,
+    cfg: FitConfig,
+    out: str | Path,
+    checkpoint_every: int = 50,
+    stop_at: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train (or resume training) a head into `out`; stops early at step `stop_at` if given
+    (as an interruption would). Returns the final step and the last logged losses."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    head = new_head(runner, cfg, d2t).train()
+    params = [p for p in head.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
+    step = _resume(out, head, opt, cfg)
+    schedule = batch_schedule([len(s.ids) for s in sequences], cfg.tokens_per_step, cfg.seed, cfg.steps)
+    end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
+    last: dict[str, float] = {}
+    bar = tqdm(total=cfg.steps, initial=step, desc=f"fit {cfg.variant}", unit="step", disable=not progress)
+    with _StopFlag() as flag, (out / LOG_FILE).open("a") as log:
+        while step < end and not flag.stop:
+            for group in opt.param_groups:
+                group["lr"] = cfg.lr_at(step)
+            parts = losses(head, [sequences[i] for i in schedule[step]], cfg, step)
+            opt.zero_grad(set_to_none=True)
+            parts["loss"].backward()
+            torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+            opt.step()
+            step += 1
+            last = {k: round(float(v.detach()), 5) for k, v in parts.items()}
+            log.write(json.dumps({"step": step, "lr": cfg.lr_at(step - 1), **last}) + "\n")
+            log.flush()
+            bar.update(1)
+            bar.set_postfix(loss=last["loss"], acc=last["acc"])
+            if step % checkpoint_every == 0 or step == end or flag.stop:
+                _save_checkpoint(out, head, opt, cfg, step)
+    bar.close()
+    return {"step": step, "steps": cfg.steps, "finished": step >= cfg.steps, **last}
+
+
+def epochs(cfg: FitConfig, sequences: list[Sequence]) -> float:
+    """Roughly how many passes over the data the run makes."""
+    return cfg.steps * cfg.tokens_per_step / max(1, sum(len(s.ids) for s in sequences))
+

@@ -1,0 +1,187 @@
+"""The training pipeline end to end on a tiny random target: extract, vocab, fit, evaluate."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specdec.config import ConfigError
+from specdec.train.cache import load_sequences, target_fingerprint
+from specdec.train.extract import extract, tokenize_chat
+from specdec.train.fit import FitConfig, fit
+from specdec.train.vocab import choose_vocab, load_vocab, save_vocab
+from tests.tiny import CharTokenizer, tiny_runner
+
+VOCAB = 64
+
+
+class ChatCharTokenizer(CharTokenizer):
+    """A character tokenizer with a toy chat template: <role id> content <end id>."""
+
+    chat_template = "toy"
+    ROLE_IDS = {"system": 60, "user": 61, "assistant": 62}
+    END = 63
+
+    def encode(self, text: str) -> list[int]:
+        return [ord(c) % 60 for c in text]
+
+    def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
+        ids = []
+        for m in messages:
+            ids += [self.ROLE_IDS[m["role"]], *self.encode(m["content"]), self.END]
+        return ids + ([self.ROLE_IDS["assistant"]] if add_generation_prompt else [])
+
+
+def chat_runner(seed: int = 0):
+    runner = tiny_runner(seed=seed, vocab=VOCAB, eos=ChatCharTokenizer.END)
+    runner.tokenizer = ChatCharTokenizer()
+    return runner
+
+
+def write_conversations(path, n: int = 12, bad_lines: int = 0) -> None:
+    lines = []
+    for i in range(n):
+        question = f"what is {i} plus {i + 1}?"
+        answer = f"the answer is {2 * i + 1}. " * (1 + i % 3)
+        lines.append(json.dumps({"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]}))
+    for j in range(bad_lines):
+        lines.insert(2 + j, "{not json" if j % 2 == 0 else json.dumps({"messages": [{"role": "user", "content": 3}]}))
+    path.write_text("\n".join(lines) + "\n")
+
+
+def test_mask_covers_exactly_the_assistant_reply():
+    tok = ChatCharTokenizer()
+    ids, mask = tokenize_chat(tok, [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}])
+    assert [i for i, m in zip(ids, mask) if m] == [*tok.encode("yo"), tok.END]
+    assert ids[: len(ids) - 3] == tok.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+
+
+def questions_file(path) -> None:
+    rows = [
+        {"question_id": 1, "category": "math", "turns": ["what is 2 plus 3?", "and 4 plus 5?"]},
+        {"question_id": 2, "category": "writing", "turns": ["write about 7"]},
+        {"question_id": 3, "category": "math", "turns": ["what is 9 plus 9?"]},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\nnot json\n")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """A feature cache, a vocabulary and a 40-step FSPAD run on the tiny target."""
+    torch.set_num_threads(1)
+    tmp = tmp_path_factory.mktemp("pipeline")
+    runner = chat_runner()
+    write_conversations(tmp / "conv.jsonl", n=12, bad_lines=2)
+    counts = extract(runner, tmp / "conv.jsonl", tmp / "cache", max_len=64, shard_size=5, progress=False)
+    sequences = load_sequences(tmp / "cache", runner)
+    d2t, coverage = choose_vocab(sequences, 32, VOCAB, runner.eos_token_ids)
+    save_vocab(tmp / "vocab.safetensors", d2t, target_fingerprint(runner), coverage)
+    cfg = FitConfig(steps=40, tokens_per_step=192, lr=3e-3, warmup_steps=4)
+    result = fit(runner, sequences, d2t, cfg, tmp / "run", checkpoint_every=10, progress=False)
+    return {"tmp": tmp, "runner": runner, "counts": counts, "sequences": sequences, "d2t": d2t, "cfg": cfg, "result": result}
+
+
+def test_extract_counts_bad_lines_and_stores_features(pipeline):
+    counts, sequences, runner = pipeline["counts"], pipeline["sequences"], pipeline["runner"]
+    assert counts["conversations"] == 12 and counts["skipped"] == 2 and counts["shards"] == 3
+    assert len(sequences) == 12
+    first = sequences[0]
+    from specdec.train.extract import features_of
+
+    assert torch.allclose(first.features.float(), features_of(runner, first.ids.tolist()), atol=1e-2)
+    assert first.mask.any() and not first.mask[0]
+
+
+def test_extract_resumes_and_extends(pipeline, tmp_path):
+    runner, tmp = pipeline["runner"], pipeline["tmp"]
+    extract(runner, tmp / "conv.jsonl", tmp_path / "c", limit=7, max_len=64, shard_size=5, progress=False)
+    again = extract(runner, tmp / "conv.jsonl", tmp_path / "c", max_len=64, shard_size=5, progress=False)
+    assert again["new_tokens"] == sum(len(s.ids) for s in pipeline["sequences"][5:])  # shard 0 kept, 1 refilled
+    resumed = load_sequences(tmp_path / "c", runner)
+    assert all(torch.equal(a.ids, b.ids) and torch.equal(a.features, b.features) for a, b in zip(resumed, pipeline["sequences"]))
+
+
+def test_vocab_keeps_eos_and_covers_assistant_tokens(pipeline):
+    d2t = pipeline["d2t"]
+    assert d2t.numel() == 32 and torch.equal(d2t, d2t.sort().values) and ChatCharTokenizer.END in d2t.tolist()
+
+
+def test_fit_lowers_the_loss(pipeline):
+    log = [json.loads(line) for line in (pipeline["tmp"] / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in log] == list(range(1, 41))
+    first, last = sum(r["loss"] for r in log[:5]) / 5, sum(r["loss"] for r in log[-5:]) / 5
+    assert last < 0.7 * first
+    assert pipeline["result"]["finished"] and (pipeline["tmp"] / "run" / "head" / "config.json").is_file()
+
+
+def test_resume_equals_uninterrupted_run(pipeline, tmp_path):
+    runner, sequences, d2t, cfg = pipeline["runner"], pipeline["sequences"], pipeline["d2t"], pipeline["cfg"]
+    stopped = fit(runner, sequences, d2t, cfg, tmp_path / "run", checkpoint_every=7, stop_at=13, progress=False)
+    assert stopped["step"] == 13 and not stopped["finished"]
+    fit(runner, sequences, d2t, cfg, tmp_path / "run", checkpoint_every=7, progress=False)
+    whole = torch.load(pipeline["tmp"] / "run" / "checkpoint.pt", weights_only=False)
+    resumed = torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=False)
+    assert resumed["step"] == whole["step"] == 40
+    for name, value in whole["head"].items():
+        assert torch.equal(value, resumed["head"][name]), name
+
+
+def test_checkpoint_of_another_run_is_refused(pipeline):
+    from dataclasses import replace
+
+    runner, sequences, d2t, cfg = pipeline["runner"], pipeline["sequences"], pipeline["d2t"], pipeline["cfg"]
+    with pytest.raises(ConfigError, match="another run"):
+        fit(runner, sequences, d2t, replace(cfg, variant="eagle2", feature_sampling=False, partial_alignment=False), pipeline["tmp"] / "run", progress=False)
+
+
+def test_cache_and_vocab_of_another_target_are_refused(pipeline):
+    other = chat_runner(seed=1)
+    tmp = pipeline["tmp"]
+    with pytest.raises(ConfigError, match="fingerprint"):
+        load_sequences(tmp / "cache", other)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        extract(other, tmp / "conv.jsonl", tmp / "cache", max_len=64, shard_size=5, progress=False)
+    with pytest.raises(ConfigError, match="fingerprint"):
+        load_vocab(tmp / "vocab.safetensors", target_fingerprint(other), VOCAB)
+
+
+def test_head_for_another_target_is_refused(pipeline):
+    from specdec.drafter import load_head_drafter
+    from specdec.config import TreeConfig
+
+    bigger = tiny_runner(vocab=96)
+    with pytest.raises(ConfigError, match="vocab"):
+        load_head_drafter(bigger, str(pipeline["tmp"] / "run" / "head"), TreeConfig())
+
+
+def test_evaluate_reports_tau_per_category_and_resumes(pipeline, tmp_path):
+    from specdec.config import TreeConfig
+    from specdec.drafter import load_head_drafter
+    from specdec.train.data import read_questions
+    from specdec.train.evaluate import evaluate
+
+    runner = pipeline["runner"]
+    questions_file(tmp_path / "q.jsonl")
+    questions, report = read_questions(tmp_path / "q.jsonl")
+    assert len(questions) == 3 and len(report.skipped) == 1
+    drafter = load_head_drafter(runner, str(pipeline["tmp"] / "run" / "head"), TreeConfig(top_k=3, depth=3, total_tokens=8))
+    progress = tmp_path / "progress.jsonl"
+    partial = evaluate(runner, drafter, questions[:2], max_new_tokens=12, progress_file=progress, progress=False)
+    result = evaluate(runner, drafter, questions, max_new_tokens=12, progress_file=progress, progress=False)
+    assert len(progress.read_text().splitlines()) == 3 and partial["questions"] == 2
+    assert result["overall"]["tau"] >= 1.0 and set(result["per_category"]) == {"math", "writing"}
+    assert result["overall"]["new_tokens"] == 4 * 12
+    sampled = evaluate(runner, drafter, questions[:1], temperature=1.0, max_new_tokens=12, progress=False)
+    assert sampled["overall"]["tau"] >= 1.0
+
+
+def test_every_train_command_has_help(capsys):
+    from specdec.cli import build_parser
+
+    parser, _ = build_parser()
+    for command in ("extract", "regenerate", "vocab", "fit", "evaluate"):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["train", command, "--help"])
+        assert "usage: specdec train " + command in capsys.readouterr().out
