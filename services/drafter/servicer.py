@@ -1,0 +1,110 @@
+"""The gRPC servicer: one library `DraftSession` per Session stream, freed when the stream ends
+or is cancelled; a cap on live sessions; Info describes the head."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from itertools import count
+from typing import Iterator
+
+import grpc
+
+import specdec
+from services.rpc import DTYPES, PROTOCOL_VERSION, tensor_from_proto
+from services.rpc import drafter_pb2 as pb
+from services.rpc import drafter_pb2_grpc as pb_grpc
+from specdec.drafter import DraftSession, HeadDrafter
+
+log = logging.getLogger("specdec.drafter")
+
+
+class DrafterServicer(pb_grpc.DrafterServicer):
+    """Serves `drafter` (a head drafter in this process) to remote verifiers."""
+
+    def __init__(self, drafter: HeadDrafter, head_name: str, max_sessions: int):
+        self.drafter, self.head_name, self.max_sessions = drafter, head_name, max_sessions
+        self._lock = threading.Lock()
+        self._active = 0
+        self._ids = count(1)
+
+    @property
+    def active_sessions(self) -> int:
+        return self._active
+
+    def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
+        cfg, tree = self.drafter.head.cfg, self.drafter.tree
+        return pb.InfoResponse(
+            head=self.head_name,
+            head_variant=cfg.variant,
+            target=cfg.target,
+            hidden_size=cfg.hidden_size,
+            vocab_size=cfg.vocab_size,
+            draft_vocab_size=cfg.draft_vocab_size,
+            tree=pb.TreeSettings(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens),
+            specdec_version=specdec.__version__,
+            protocol_version=PROTOCOL_VERSION,
+            max_sessions=self.max_sessions,
+            active_sessions=self._active,
+            feature_dtypes=list(DTYPES.values()),
+        )
+
+    def Session(self, requests: Iterator[pb.SessionRequest], context: grpc.ServicerContext) -> Iterator[pb.SessionResponse]:
+        with self._lock:
+            if self._active >= self.max_sessions:
+                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, f"drafter at its cap of {self.max_sessions} sessions")
+            self._active += 1
+        sid = next(self._ids)
+        session: DraftSession | None = None
+        rounds, started = 0, time.perf_counter()
+        try:
+            for request in requests:
+                kind = request.WhichOneof("kind")
+                if kind == "open":
+                    if session is not None:
+                        context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the session is already open")
+                    ids, features = self._decode(request.open, context, extra_token=1)
+                    session = self.drafter.open(ids, features)
+                    log.debug("session %d opened with %d tokens", sid, len(ids))
+                elif session is None:
+                    context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the first message must be open")
+                elif kind == "extend":
+                    ids, features = self._decode(request.extend, context, extra_token=0)
+                    session.extend(ids, features)
+                elif kind == "propose":
+                    t0 = time.perf_counter()
+                    tree = session.propose()
+                    rounds += 1
+                    yield pb.SessionResponse(
+                        tree=pb.Tree(
+                            round=request.propose.round,
+                            tokens=tree.tokens,
+                            parents=tree.parents,
+                            draft_seconds=time.perf_counter() - t0,
+                        )
+                    )
+                else:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, "empty session request")
+        finally:
+            if session is not None:
+                session.close()
+            with self._lock:
+                self._active -= 1
+            log.info("session %d closed after %d rounds, %.1fs (%s)", sid, rounds, time.perf_counter() - started,
+                     "active" if context.is_active() else "ended by client")
+
+    def _decode(self, message: pb.Open | pb.Extend, context: grpc.ServicerContext, extra_token: int):
+        """Token ids and features of an Open (one more token than features) or Extend (as many)."""
+        ids = list(message.token_ids)
+        cfg = self.drafter.head.cfg
+        try:
+            features = tensor_from_proto(message.features)
+        except ValueError as exc:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"features: {exc}")
+        want = (len(ids) - extra_token, cfg.hidden_size)
+        if tuple(features.shape) != want or (extra_token and not ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(ids)} token ids need features of shape {want}, got {tuple(features.shape)}")
+        if any(not 0 <= t < cfg.vocab_size for t in ids):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {cfg.vocab_size})")
+        return ids, features
