@@ -4,8 +4,10 @@ same text as `specdec generate` for the same prompt, head and tree."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from csv import DictReader
 
 import httpx
 import pytest
@@ -66,3 +68,26 @@ def test_streamed_greedy_completion_equals_specdec_generate(embedded_server: str
 def test_health(embedded_server: str) -> None:
     response = httpx.get(embedded_server + "/health", timeout=10)
     assert response.status_code == 200 and response.json() == {"status": "ok"}
+
+
+def test_locust_headless_run_has_no_failure(embedded_server: str, tmp_path) -> None:
+    """deploy/locustfile.py, bounded (2 users, 20 s) against the loopback server: no failure,
+    and TTFT and tokens/s recorded as events."""
+    csv = tmp_path / "locust"
+    run = subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "deploy/locustfile.py", "--headless", "-u", "2", "-r", "2", "-t", "20s",
+         "--host", embedded_server, "--csv", str(csv), "--exit-code-on-error", "1", "--only-summary"],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "SPECDEC_LOAD_MAX_TOKENS": "8"},
+    )
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    rows = {(r["Type"], r["Name"]): r for r in csv_rows(csv.with_name("locust_stats.csv"))}
+    assert int(rows[("POST", "stream /v1/completions")]["Request Count"]) >= 1
+    assert int(rows[("TTFT", "first token")]["Request Count"]) >= 1
+    assert int(rows[("TOKENS_PER_S", "decode rate")]["Request Count"]) >= 1
+    assert all(int(r["Failure Count"]) == 0 for r in rows.values())
+    assert csv_rows(csv.with_name("locust_failures.csv")) == []
+
+
+def csv_rows(path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(DictReader(f))

@@ -16,7 +16,8 @@ _TREE = TreeConfig()
 class DrafterSettings(BaseSettings):
     """Everything the drafter service can be told; `python -m services.drafter --help` lists it."""
 
-    model_config = SettingsConfigDict(env_prefix="SPECDEC_DRAFTER_", cli_kebab_case=True, cli_prog_name="python -m services.drafter")
+    model_config = SettingsConfigDict(env_prefix="SPECDEC_DRAFTER_", cli_kebab_case=True,
+        env_ignore_empty=True, cli_prog_name="python -m services.drafter")
 
     head: str | None = Field(None, description="draft head directory, or 'random' (default: the shipped head)")
     host: str = Field("127.0.0.1", description="address to listen on")

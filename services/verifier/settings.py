@@ -19,6 +19,7 @@ class VerifierSettings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="SPECDEC_VERIFIER_",
         cli_kebab_case=True,
+        env_ignore_empty=True,
         cli_prog_name="python -m services.verifier",
         cli_implicit_flags=True,
     )
