@@ -101,7 +101,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 
 from specdec.train.cli import train_parser  # noqa: E402 (a light module; its imports are lazy)
-COMMANDS = [_generate_parser, train_parser]
+from specdec.bench.cli import bench_parser  # noqa: E402 (its imports are lazy too)
+COMMANDS = [_generate_parser, train_parser, bench_parser]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:

@@ -1,0 +1,1 @@
+"""`specdec bench`: Spec-Bench speed and acceptance of the plain, speculative and peer paths in one process."""

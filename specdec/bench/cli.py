@@ -1,0 +1,94 @@
+"""`specdec bench`: load the target, the draft head and the peers, run the harness, print and save."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+from specdec.config import ConfigError
+
+
+def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
+    from specdec.cli import add_model_args, add_tree_args
+
+    p = sub.add_parser(
+        "bench",
+        help="Spec-Bench speed: plain vs speculative (and peers) on the same runner",
+        description="Decode Spec-Bench questions with the plain and the speculative path alternately "
+        "(and Hugging Face peers when asked); print tau, tokens/s and speedup per category. "
+        "Exits 1 if greedy speculative output differs from plain output anywhere but at a near-tie.",
+    )
+    p.add_argument("--questions", required=True, help="Spec-Bench JSONL: question_id, category, turns")
+    p.add_argument("--limit", type=int, default=None, help="use the first N questions")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per turn at most")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (mismatches are checked only then)")
+    p.add_argument("--seed", type=int, default=0, help="base sampling seed (turn i uses seed + i)")
+    p.add_argument("--head", default=None, help="draft head directory, or 'random' (default: the shipped FSPAD head)")
+    p.add_argument("--peers", default="", help="comma list of peers on the same model: hf (generate), pld (prompt lookup)")
+    p.add_argument("--pld-tokens", type=int, default=10, help="draft tokens per prompt-lookup step (pld peer)")
+    p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the untimed warm-up per path (0 = none)")
+    p.add_argument("--near-tie", type=float, default=1e-4, help="top-2 logit margin below which a mismatch is a float near-tie")
+    p.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
+    p.add_argument("--report", default=None, metavar="DIR", help="write report.md and PNG plots here")
+    add_model_args(p)
+    add_tree_args(p)
+    return run_bench_command
+
+
+def run_bench_command(args: argparse.Namespace) -> int:
+    import specdec.cli as cli
+    from specdec.bench.harness import BenchConfig, run_bench
+    from specdec.bench.peers import make_peers
+    from specdec.bench.report import markdown_table, write_report
+    from specdec.bench.summary import machine_info, summarize
+    from specdec.drafter import load_head_drafter
+    from specdec.train.data import read_questions
+
+    if args.limit is not None and args.limit < 1:
+        raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.temperature < 0:
+        raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
+    questions, read = read_questions(args.questions, args.limit)
+    read.warn(args.questions)
+    if not questions:
+        raise ConfigError(f"no valid questions in {args.questions}")
+    config = BenchConfig(args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie)
+    tree = cli.tree_from_args(args)
+    peer_names = [n.strip() for n in args.peers.split(",") if n.strip()]
+    runner = cli.load_runner(args)
+    drafter = load_head_drafter(runner, args.head, tree)
+    peers = make_peers(runner, peer_names, args.pld_tokens)
+    records = run_bench(runner, drafter, questions, config, peers, progress=True)
+    settings = {
+        **asdict(config),
+        "questions_file": str(args.questions),
+        "questions": len(questions),
+        "limit": args.limit,
+        "model": runner.name,
+        "head": args.head or "default",
+        "tree": asdict(tree),
+        "peers": peer_names,
+        "pld_tokens": args.pld_tokens,
+    }
+    result = summarize(records, config.greedy, settings, machine_info(runner))
+    print(markdown_table(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    if args.report:
+        for path in write_report(result, args.report):
+            print(f"wrote {path}", file=sys.stderr)
+    for m in result["mismatches"]:
+        kind = "near-tie" if m["near_tie"] else "MISMATCH"
+        print(
+            f"{kind}: question {m['question_id']} turn {m['turn']} {m['path']} position {m['position']}: "
+            f"AR {m['ar_token']} vs {m['token']} (top-2 margin {m['margin']:.3g})",
+            file=sys.stderr,
+        )
+    return 1 if result["overall"]["greedy_mismatches"] else 0

@@ -1,0 +1,176 @@
+"""The benchmark loop: every turn of every question decoded by the plain (AR) path, the
+speculative path and optional peers, alternately on the same runner, with per-turn records.
+
+Multi-turn questions use the chat template; turn n+1 sees the AR answer of turn n as the
+assistant message, so every path decodes exactly the same prompt. The order of the paths
+rotates from turn to turn so that slow drifts of a busy machine hit them alike. Under greedy
+decoding every path's token ids are compared with the AR path's: the first differing position
+is a divergence, classified as a near-tie when the target's top-2 logit margin there is below
+the tolerance (DESIGN.md: tree and one-token forwards differ in float rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+import torch
+from tqdm import tqdm
+
+from specdec.bench.peers import Peer
+from specdec.config import SamplingParams, StopConfig
+from specdec.drafter import Drafter
+from specdec.generate import Generation
+from specdec.target import TargetRunner
+from specdec.train.data import Question
+
+AR, SPEC = "ar", "spec"
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """What every path is asked to do. warmup_tokens 0 skips the warm-up."""
+
+    max_new_tokens: int = 128
+    temperature: float = 0.0
+    seed: int = 0
+    warmup_tokens: int = 16
+    near_tie: float = 1e-4
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Divergence:
+    """The first position where a path's token ids leave the AR path's."""
+
+    position: int
+    ar_token: int | None  # None: the AR answer ended there
+    token: int | None  # None: this path's answer ended there
+    margin: float  # target's top-2 logit margin after prompt + AR tokens[:position]
+    near_tie: bool
+
+
+@dataclass
+class PathRun:
+    """One path's answer to one turn. target_forwards and the acceptance counters are only
+    known for our own decode loop (zero for peers)."""
+
+    token_ids: list[int]
+    seconds: float
+    target_forwards: int = 0
+    accepted_per_round: list[int] = field(default_factory=list)
+    draft_tokens: int = 0
+    fallback_rounds: int = 0
+    divergence: Divergence | None = None
+
+    @property
+    def new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class TurnRecord:
+    """All paths' runs of one turn of one question, keyed by path name (ar, spec, peers)."""
+
+    question_id: str
+    category: str
+    turn: int
+    prompt_tokens: int
+    runs: dict[str, PathRun]
+
+
+def run_bench(
+    runner: TargetRunner,
+    drafter: Drafter,
+    questions: Sequence[Question],
+    config: BenchConfig = BenchConfig(),
+    peers: Sequence[Peer] = (),
+    progress: bool = False,
+) -> list[TurnRecord]:
+    """Decode every turn with each path (after a warm-up) and return one record per turn."""
+    if not questions:
+        return []
+    paths = _paths(runner, drafter, peers, config)
+    if config.warmup_tokens:
+        prompt = runner.encode_messages([{"role": "user", "content": questions[0].turns[0]}])
+        for run in paths.values():
+            run(prompt, min(config.warmup_tokens, config.max_new_tokens), config.seed)
+    records: list[TurnRecord] = []
+    bar = tqdm(questions, desc="bench", unit="question", disable=not progress)
+    for question in bar:
+        messages: list[dict] = []
+        for t, text in enumerate(question.turns):
+            messages.append({"role": "user", "content": text})
+            prompt = runner.encode_messages(messages)
+            seed = config.seed + len(records)
+            names = list(paths)
+            shift = len(records) % len(names)
+            runs = {name: paths[name](prompt, config.max_new_tokens, seed) for name in names[shift:] + names[:shift]}
+            if config.greedy:
+                for name, run in runs.items():
+                    if name != AR:
+                        run.divergence = find_divergence(runner, prompt, runs[AR].token_ids, run.token_ids, config.near_tie)
+            records.append(TurnRecord(question.question_id, question.category, t, len(prompt), runs))
+            messages.append({"role": "assistant", "content": runner.tokenizer.decode(runs[AR].token_ids, skip_special_tokens=True)})
+        bar.set_postfix(_running(records), refresh=False)
+    return records
+
+
+def find_divergence(
+    runner: TargetRunner, prompt: Sequence[int], ar_ids: Sequence[int], ids: Sequence[int], near_tie: float
+) -> Divergence | None:
+    """Where `ids` first differ from `ar_ids` (None if identical), with the target's margin there."""
+    position = next((i for i, (a, b) in enumerate(zip(ar_ids, ids)) if a != b), min(len(ar_ids), len(ids)))
+    if position == len(ar_ids) == len(ids):
+        return None
+    with torch.inference_mode():
+        logits = runner.model(input_ids=torch.tensor([list(prompt) + list(ar_ids[:position])], device=runner.device)).logits
+    top2 = torch.topk(logits[0, -1].float(), 2).values
+    margin = float(top2[0] - top2[1])
+    at = lambda seq: int(seq[position]) if position < len(seq) else None  # noqa: E731
+    return Divergence(position, at(ar_ids), at(ids), margin, margin < near_tie)
+
+
+Runner = Callable[[list[int], int, int], PathRun]
+
+
+def _paths(runner: TargetRunner, drafter: Drafter, peers: Sequence[Peer], config: BenchConfig) -> dict[str, Runner]:
+    """Each path as a function (prompt ids, max new tokens, seed) -> PathRun."""
+
+    def ours(with_drafter: Drafter | None) -> Runner:
+        def run(prompt: list[int], max_new_tokens: int, seed: int) -> PathRun:
+            sampling = SamplingParams(temperature=config.temperature, seed=seed)
+            gen = Generation(runner, prompt, sampling, StopConfig(max_new_tokens=max_new_tokens), with_drafter)
+            for _ in gen:
+                pass
+            s = gen.stats
+            return PathRun(list(gen.token_ids), s.seconds, s.target_forwards, list(s.accepted_per_round), s.draft_tokens, s.fallback_rounds)
+
+        return run
+
+    def peer(p: Peer) -> Runner:
+        def run(prompt: list[int], max_new_tokens: int, seed: int) -> PathRun:
+            ids, seconds = p.generate(prompt, max_new_tokens, config.temperature, seed)
+            return PathRun(ids, seconds)
+
+        return run
+
+    paths = {AR: ours(None), SPEC: ours(drafter)}
+    for p in peers:
+        if p.name in paths:
+            raise ValueError(f"peer name {p.name!r} is taken")
+        paths[p.name] = peer(p)
+    return paths
+
+
+def _running(records: list[TurnRecord]) -> dict[str, str]:
+    """Progress-bar figures so far: tau and speedup of the speculative path."""
+    spec = [r.runs[SPEC] for r in records]
+    tokens, forwards = sum(r.new_tokens for r in spec), sum(r.target_forwards for r in spec)
+    ar_s, spec_s = sum(r.runs[AR].seconds for r in records), sum(r.seconds for r in spec)
+    ar_tokens = sum(r.runs[AR].new_tokens for r in records)
+    speedup = (tokens / spec_s) / (ar_tokens / ar_s) if spec_s and ar_s and ar_tokens else 0.0
+    return {"tau": f"{tokens / forwards:.2f}" if forwards else "-", "speedup": f"{speedup:.2f}x"}

@@ -1,0 +1,131 @@
+"""Turn records into the benchmark's JSON: figures overall and per category, the divergences,
+per-turn rows, the configuration and the machine."""
+
+from __future__ import annotations
+
+import os
+import platform
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import transformers
+
+from specdec.bench.harness import AR, SPEC, PathRun, TurnRecord
+from specdec.target import TargetRunner
+
+
+def summarize(records: Sequence[TurnRecord], greedy: bool, config: dict, machine: dict) -> dict:
+    """The whole result. Rates are ratios of totals (total tokens / total forwards or seconds);
+    speedup = spec tokens/s over AR tokens/s, i.e. AR seconds / spec seconds for equal tokens.
+    Greedy mismatches count turns whose speculative tokens leave the AR tokens anywhere but at
+    a near-tie (those are counted apart); both are None when sampling."""
+    categories = list(dict.fromkeys(r.category for r in records))
+    return {
+        "overall": block(records, greedy),
+        "per_category": {c: block([r for r in records if r.category == c], greedy) for c in categories},
+        "mismatches": [
+            {"question_id": r.question_id, "category": r.category, "turn": r.turn, "path": name, **asdict(run.divergence)}
+            for r in records
+            for name, run in r.runs.items()
+            if run.divergence is not None
+        ],
+        "turns": [turn_row(r) for r in records],
+        "config": config,
+        "machine": machine,
+    }
+
+
+def block(records: Sequence[TurnRecord], greedy: bool) -> dict:
+    """Figures of a group of turns."""
+    ar, spec = [r.runs[AR] for r in records], [r.runs[SPEC] for r in records]
+    ar_tps, spec_tps = _tokens_per_s(ar), _tokens_per_s(spec)
+    forwards = sum(s.target_forwards for s in spec)
+    rounds = [a for s in spec for a in s.accepted_per_round]
+    divergences = [s.divergence for s in spec if s.divergence is not None]
+    peers = [name for name in (records[0].runs if records else {}) if name not in (AR, SPEC)]
+    return {
+        "questions": len({r.question_id for r in records}),
+        "turns": len(records),
+        "tau": _ratio(sum(s.new_tokens for s in spec), forwards),
+        "speedup": _ratio(spec_tps, ar_tps),
+        "spec_tokens_per_s": round(spec_tps, 2),
+        "ar_tokens_per_s": round(ar_tps, 2),
+        "greedy_mismatches": sum(not d.near_tie for d in divergences) if greedy else None,
+        "near_tie_mismatches": sum(d.near_tie for d in divergences) if greedy else None,
+        "spec_new_tokens": sum(s.new_tokens for s in spec),
+        "ar_new_tokens": sum(a.new_tokens for a in ar),
+        "spec_seconds": round(sum(s.seconds for s in spec), 3),
+        "ar_seconds": round(sum(a.seconds for a in ar), 3),
+        "target_forwards": forwards,
+        "rounds": len(rounds),
+        "mean_accepted": _ratio(sum(rounds), len(rounds)),
+        "draft_tokens_per_round": _ratio(sum(s.draft_tokens for s in spec), len(rounds)),
+        "fallback_rounds": sum(s.fallback_rounds for s in spec),
+        "acceptance_histogram": [rounds.count(n) for n in range(max(rounds, default=-1) + 1)],
+        "accepted_by_depth": [_ratio(sum(a >= d for a in rounds), len(rounds)) for d in range(1, max(rounds, default=0) + 1)],
+        "peers": {name: _peer_block([r.runs[name] for r in records], spec_tps, greedy) for name in peers},
+    }
+
+
+def turn_row(record: TurnRecord) -> dict:
+    """One turn's counters (no token ids) for later analysis."""
+    return {
+        "question_id": record.question_id,
+        "category": record.category,
+        "turn": record.turn,
+        "prompt_tokens": record.prompt_tokens,
+        **{
+            name: {"new_tokens": run.new_tokens, "seconds": round(run.seconds, 4), "target_forwards": run.target_forwards}
+            for name, run in record.runs.items()
+        },
+    }
+
+
+def machine_info(runner: TargetRunner) -> dict:
+    """What the figures were measured on (the load average shows how busy the machine was)."""
+    return {
+        "cpu": _cpu_name(),
+        "logical_cpus": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
+        "device": str(runner.device),
+        "gpu": torch.cuda.get_device_name(runner.device) if runner.device.type == "cuda" else None,
+        "dtype": str(runner.dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+    }
+
+
+def _peer_block(runs: list[PathRun], spec_tps: float, greedy: bool) -> dict:
+    tps = _tokens_per_s(runs)
+    divergences = [r.divergence for r in runs if r.divergence is not None]
+    return {
+        "tokens_per_s": round(tps, 2),
+        "new_tokens": sum(r.new_tokens for r in runs),
+        "seconds": round(sum(r.seconds for r in runs), 3),
+        "spec_speedup": _ratio(spec_tps, tps),
+        "mismatches_vs_ar": sum(not d.near_tie for d in divergences) if greedy else None,
+    }
+
+
+def _tokens_per_s(runs: Sequence[PathRun]) -> float:
+    seconds = sum(r.seconds for r in runs)
+    return sum(r.new_tokens for r in runs) / seconds if seconds else 0.0
+
+
+def _ratio(a: float, b: float) -> float:
+    return round(a / b, 4) if b else 0.0
+
+
+def _cpu_name() -> str:
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        for line in cpuinfo.read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

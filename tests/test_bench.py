@@ -1,0 +1,151 @@
+"""`specdec bench` on a tiny random target: the harness, its JSON, the report and the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from specdec.bench.harness import AR, SPEC, BenchConfig, Divergence, find_divergence, run_bench
+from specdec.bench.peers import make_peers
+from specdec.bench.report import HISTOGRAM_PNG, SPEEDUP_PNG, write_report
+from specdec.bench.summary import machine_info, summarize
+from specdec.cli import main
+from specdec.config import ConfigError
+from specdec.train.data import Question
+from tests.tiny import CharTokenizer, OracleDrafter, tiny_drafter, tiny_runner
+
+USER, ASSISTANT, PROMPT_END = 58, 59, 60  # ids outside the letters CharTokenizer decodes to
+QUESTIONS = [
+    Question("q1", "writing", ["DescribeAnIsland", "NowShorter"]),
+    Question("q2", "math", ["AddTwoAndThree"]),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class ChatCharTokenizer(CharTokenizer):
+    """CharTokenizer with a minimal chat template: a role id before each message's letters."""
+
+    chat_template = "role-id + letters"
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        ids = [t for m in messages for t in [USER if m["role"] == "user" else ASSISTANT, *self.encode(m["content"])]]
+        return ids + [PROMPT_END] if add_generation_prompt else ids
+
+
+def chat_runner(seed: int = 0):
+    runner = tiny_runner(seed)
+    runner.tokenizer = ChatCharTokenizer()
+    return runner
+
+
+def bench(runner, drafter, peers=(), **config):
+    records = run_bench(runner, drafter, QUESTIONS, BenchConfig(**{"max_new_tokens": 24, "warmup_tokens": 4, **config}), peers)
+    cfg = BenchConfig(**{"max_new_tokens": 24, **config})
+    return records, summarize(records, cfg.greedy, {"max_new_tokens": cfg.max_new_tokens}, machine_info(runner))
+
+
+def test_harness_json_has_the_figures_and_no_greedy_mismatch():
+    runner = chat_runner()
+    records, result = bench(runner, OracleDrafter(runner, width=2, depth=3), make_peers(runner, ["hf", "pld"]))
+    assert [(r.question_id, r.turn) for r in records] == [("q1", 0), ("q1", 1), ("q2", 0)]
+    json.dumps(result)  # serialisable as is
+    overall = result["overall"]
+    for key in ("tau", "speedup", "spec_tokens_per_s", "ar_tokens_per_s", "greedy_mismatches", "acceptance_histogram", "accepted_by_depth"):
+        assert key in overall and all(key in b for b in result["per_category"].values())
+    assert set(result["per_category"]) == {"writing", "math"}
+    assert overall["greedy_mismatches"] == 0 and overall["near_tie_mismatches"] == 0 and result["mismatches"] == []
+    assert overall["turns"] == 3 and overall["questions"] == 2
+    spec = [r.runs[SPEC] for r in records]
+    assert overall["tau"] == round(sum(s.new_tokens for s in spec) / sum(s.target_forwards for s in spec), 4)
+    assert overall["tau"] > 1.0  # the oracle drafter gets accepted
+    assert sum(overall["acceptance_histogram"]) == overall["rounds"] == sum(len(s.accepted_per_round) for s in spec)
+    assert overall["spec_tokens_per_s"] > 0 and overall["ar_tokens_per_s"] > 0 and overall["speedup"] > 0
+    assert set(overall["peers"]) == {"hf", "pld"}
+    assert all(p["tokens_per_s"] > 0 and p["mismatches_vs_ar"] == 0 for p in overall["peers"].values())
+    assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__
+
+
+def test_every_path_decodes_the_same_prompt_with_the_ar_answer_as_context():
+    runner = chat_runner(1)
+    records, _ = bench(runner, tiny_drafter(runner))
+    first, second = records[0], records[1]
+    ar_text = runner.tokenizer.encode(runner.tokenizer.decode(first.runs[AR].token_ids))
+    expected = [USER, *runner.tokenizer.encode("DescribeAnIsland"), ASSISTANT, *ar_text, USER, *runner.tokenizer.encode("NowShorter"), PROMPT_END]
+    assert second.prompt_tokens == len(expected)
+    assert all(run.token_ids == first.runs[AR].token_ids for run in first.runs.values())
+    assert first.runs[SPEC].draft_tokens > 0 and first.runs[AR].draft_tokens == 0
+
+
+def test_a_divergence_is_found_classified_and_counted():
+    runner = chat_runner(2)
+    records, _ = bench(runner, tiny_drafter(runner))
+    prompt = [USER, 1, 2, 3, PROMPT_END]
+    ar = [5, 6, 7, 8]
+    assert find_divergence(runner, prompt, ar, list(ar), 1e-4) is None
+    d = find_divergence(runner, prompt, ar, [5, 6, 9, 9], 1e-4)
+    assert (d.position, d.ar_token, d.token) == (2, 7, 9) and d.margin > 0 and not d.near_tie
+    assert find_divergence(runner, prompt, ar, [5, 6, 9, 9], float("inf")).near_tie
+    assert find_divergence(runner, prompt, ar, ar[:3], 1e-4) == Divergence(3, 8, None, find_divergence(runner, prompt, ar, ar[:3], 1e-4).margin, False)
+    records[1].runs[SPEC].divergence = d
+    records[2].runs[SPEC].divergence = Divergence(0, 1, 2, 1e-6, True)
+    result = summarize(records, True, {}, {})
+    assert result["overall"]["greedy_mismatches"] == 1 and result["overall"]["near_tie_mismatches"] == 1
+    assert result["per_category"]["writing"]["greedy_mismatches"] == 1
+    assert [(m["question_id"], m["turn"], m["position"], m["near_tie"]) for m in result["mismatches"]] == [("q1", 1, 2, False), ("q2", 0, 0, True)]
+
+
+def test_sampling_reports_no_mismatch_count():
+    runner = chat_runner(3)
+    _, result = bench(runner, tiny_drafter(runner), temperature=1.0, warmup_tokens=0)
+    assert result["overall"]["greedy_mismatches"] is None and result["mismatches"] == []
+    assert result["overall"]["spec_new_tokens"] > 0
+
+
+def test_report_writes_markdown_and_plots(tmp_path):
+    runner = chat_runner(4)
+    _, result = bench(runner, OracleDrafter(runner), make_peers(runner, ["hf"]))
+    paths = write_report(result, tmp_path / "report")
+    assert {p.name for p in paths} == {"report.md", SPEEDUP_PNG, HISTOGRAM_PNG}
+    for png in (SPEEDUP_PNG, HISTOGRAM_PNG):
+        assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = (tmp_path / "report" / "report.md").read_text()
+    assert "| writing |" in text and "| math |" in text and "**overall**" in text and "hf tok/s" in text
+
+
+def test_unknown_peer_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown peer"):
+        make_peers(chat_runner(), ["hf", "vllm"])
+
+
+def test_cli_help_lists_the_options(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    for option in ("--questions", "--limit", "--max-new-tokens", "--temperature", "--head", "--peers", "--json", "--report", "--top-k", "--model"):
+        assert option in out
+
+
+def test_cli_runs_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
+    """The command with its loading swapped for the tiny target (a random head is built for it)."""
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": q.question_id, "category": q.category, "turns": q.turns}) + "\n" for q in QUESTIONS))
+    monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner(5))
+    out_json, report = tmp_path / "out" / "bench.json", tmp_path / "report"
+    argv = ["bench", "--questions", str(questions), "--limit", "1", "--max-new-tokens", "12", "--head", "random"]
+    argv += ["--peers", "pld", "--json", str(out_json), "--report", str(report), "--top-k", "3", "--depth", "3", "--total-tokens", "6"]
+    assert main(argv) == 0
+    result = json.loads(out_json.read_text())
+    assert result["overall"]["greedy_mismatches"] == 0 and result["overall"]["turns"] == 2
+    assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6} and result["config"]["peers"] == ["pld"]
+    assert "| writing |" in capsys.readouterr().out
+    assert (report / "report.md").is_file()
