@@ -106,6 +106,10 @@ def test_extract_resumes_and_extends(pipeline, tmp_path):
 def test_vocab_keeps_eos_and_covers_assistant_tokens(pipeline):
     d2t = pipeline["d2t"]
     assert d2t.numel() == 32 and torch.equal(d2t, d2t.sort().values) and ChatCharTokenizer.END in d2t.tolist()
+    extra = torch.zeros(VOCAB, dtype=torch.int64)
+    extra[[5, 6]] = 10_000  # tokens frequent in text that has no features
+    d2t, coverage = choose_vocab(pipeline["sequences"], 4, VOCAB, (ChatCharTokenizer.END,), extra)
+    assert d2t.tolist()[:2] == [5, 6] and ChatCharTokenizer.END in d2t.tolist() and 0.9 < coverage < 1.0
 
 
 def test_fit_lowers_the_loss(pipeline):
@@ -185,3 +189,31 @@ def test_every_train_command_has_help(capsys):
         with pytest.raises(SystemExit):
             parser.parse_args(["train", command, "--help"])
         assert "usage: specdec train " + command in capsys.readouterr().out
+
+
+def test_regenerate_stores_the_targets_own_answers(pipeline, tmp_path):
+    from specdec.train.extract import features_of
+    from specdec.train.regenerate import regenerate
+
+    runner = pipeline["runner"]
+    counts = regenerate(runner, pipeline["tmp"] / "conv.jsonl", tmp_path / "regen", limit=6, max_new_tokens=10, batch_size=4, shard_size=4, progress=False)
+    assert counts["conversations"] == 6 and counts["skipped"] == 2
+    sequences = load_sequences(tmp_path / "regen", runner)
+    assert len(sequences) == 6 and (tmp_path / "regen" / "shard-00001.jsonl").is_file()
+    for s in sequences:
+        prompt = int((~s.mask).sum())
+        assert not s.mask[:prompt].any() and 1 <= int(s.mask.sum()) <= 10
+        assert torch.allclose(s.features.float(), features_of(runner, s.ids.tolist()), atol=1e-2)
+        # Greedy answers: each answer token is the target's argmax after the tokens before it.
+        logits = runner.lm_head(features_of(runner, s.ids.tolist()))
+        assert torch.equal(logits[prompt - 1 : -1].argmax(-1), s.ids[prompt:])
+    again = regenerate(runner, pipeline["tmp"] / "conv.jsonl", tmp_path / "regen", limit=6, max_new_tokens=10, batch_size=4, shard_size=4, progress=False)
+    assert again["new_tokens"] == 0
+
+
+def test_first_per_category_keeps_file_order(tmp_path):
+    from specdec.train.data import first_per_category, read_questions
+
+    questions_file(tmp_path / "q.jsonl")
+    questions, _ = read_questions(tmp_path / "q.jsonl")
+    assert [q.question_id for q in first_per_category(questions, 1)] == ["1", "2"]

@@ -88,6 +88,7 @@ def _vocab(sub) -> None:
     p = sub.add_parser("vocab", help="choose the draft vocabulary (most frequent assistant tokens) and write d2t")
     p.add_argument("--cache", action="append", required=True, help="feature cache folder (repeatable)")
     p.add_argument("--size", type=int, default=8192, help="draft vocabulary size")
+    p.add_argument("--data", action="append", default=[], help="also count assistant tokens of these conversations JSONL (tokenized only)")
     p.add_argument("--out", default=None, help="vocab file (default: CACHE/vocab.safetensors of the first cache)")
     _model_args(p)
 
@@ -95,9 +96,22 @@ def _vocab(sub) -> None:
         from specdec.train.cache import VOCAB_FILE, target_fingerprint
         from specdec.train.vocab import choose_vocab, save_vocab
 
+        import torch
+        from tqdm import tqdm
+
+        from specdec.train.data import read_conversations
+        from specdec.train.extract import tokenize_chat
+
         runner = _runner(args)
         sequences = _load_caches(runner, args.cache)
-        d2t, coverage = choose_vocab(sequences, args.size, runner.vocab_size, runner.eos_token_ids)
+        extra = torch.zeros(runner.vocab_size, dtype=torch.int64)
+        for path in args.data:
+            conversations, report = read_conversations(path)
+            report.warn(path)
+            for messages in tqdm(conversations, desc=f"count {Path(path).name}", unit="conv"):
+                ids, mask = tokenize_chat(runner.tokenizer, messages)
+                extra += torch.bincount(torch.tensor(ids)[torch.tensor(mask)], minlength=runner.vocab_size)
+        d2t, coverage = choose_vocab(sequences, args.size, runner.vocab_size, runner.eos_token_ids, extra)
         out = args.out or str(Path(args.cache[0]) / VOCAB_FILE)
         save_vocab(out, d2t, target_fingerprint(runner), coverage)
         tokens = sum(int(s.mask.sum()) for s in sequences)
@@ -162,6 +176,7 @@ def _evaluate(sub) -> None:
     p.add_argument("--head", required=True, help="head directory, or 'random'")
     p.add_argument("--questions", required=True, help="Spec-Bench-format JSONL (question_id, category, turns)")
     p.add_argument("--limit", type=int, default=None, help="use the first N valid questions")
+    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per turn at most")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -172,11 +187,13 @@ def _evaluate(sub) -> None:
     def run(args: argparse.Namespace) -> int:
         from specdec.cli import tree_from_args
         from specdec.drafter import load_head_drafter
-        from specdec.train.data import read_questions
+        from specdec.train.data import first_per_category, read_questions
         from specdec.train.evaluate import evaluate
 
         questions, report = read_questions(args.questions, args.limit)
         report.warn(args.questions)
+        if args.per_category is not None:
+            questions = first_per_category(questions, args.per_category)
         runner = _runner(args)
         drafter = load_head_drafter(runner, args.head, tree_from_args(args))
         progress = f"{args.json}.progress.jsonl" if args.json else None

@@ -88,3 +88,14 @@ def read_questions(path: str | Path, limit: int | None = None) -> tuple[list[Que
             report.skipped.append((number, str(exc)))
     report.kept = len(out)
     return out, report
+
+
+def first_per_category(questions: list[Question], n: int) -> list[Question]:
+    """The first `n` questions of each category, in file order (a balanced quick subset)."""
+    seen: dict[str, int] = {}
+    out = []
+    for q in questions:
+        seen[q.category] = seen.get(q.category, 0) + 1
+        if seen[q.category] <= n:
+            out.append(q)
+    return out

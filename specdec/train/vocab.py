@@ -11,14 +11,25 @@ from specdec.config import ConfigError
 from specdec.train.cache import Sequence
 
 
-def choose_vocab(sequences: list[Sequence], size: int, vocab_size: int, always: tuple[int, ...] = ()) -> tuple[torch.Tensor, float]:
-    """The `size` most frequent tokens among assistant tokens (plus `always`, e.g. EOS), as an
-    ascending d2t tensor, and the share of assistant tokens they cover."""
-    if not 0 < size <= vocab_size:
-        raise ConfigError(f"draft vocabulary size must be in 1..{vocab_size}, got {size}")
+def count_tokens(sequences: list[Sequence], vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs among the assistant tokens of `sequences`."""
     counts = torch.zeros(vocab_size, dtype=torch.int64)
     for s in sequences:
         counts += torch.bincount(s.ids[s.mask], minlength=vocab_size)
+    return counts
+
+
+def choose_vocab(
+    sequences: list[Sequence], size: int, vocab_size: int, always: tuple[int, ...] = (), extra: torch.Tensor | None = None
+) -> tuple[torch.Tensor, float]:
+    """The `size` most frequent tokens among assistant tokens (plus `always`, e.g. EOS), as an
+    ascending d2t tensor, and the share of assistant tokens they cover. `extra` adds counts
+    from text that has no features (e.g. more conversations, only tokenized)."""
+    if not 0 < size <= vocab_size:
+        raise ConfigError(f"draft vocabulary size must be in 1..{vocab_size}, got {size}")
+    counts = count_tokens(sequences, vocab_size)
+    if extra is not None:
+        counts += extra
     ranked = counts.clone()
     ranked[list(always)] = counts.max() + 1
     chosen = torch.topk(ranked, size).indices.sort().values

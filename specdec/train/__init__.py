@@ -1,0 +1,1 @@
+"""Draft-head training: feature extraction, on-policy regeneration, draft vocabulary, distillation, evaluation."""
