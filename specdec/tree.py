@@ -53,17 +53,13 @@ def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:
     return anc
 
 
-def tree_attention_bias(
-    parents: Sequence[int], past_len: int, dtype: torch.dtype, device: torch.device | str
-) -> torch.Tensor:
-    """Additive attention mask [1, 1, n, past_len + n]: every node sees the whole committed
-    past and its own ancestors (itself included); everything else gets the dtype's minimum."""
+def tree_attention_mask(parents: Sequence[int], past_len: int, device: torch.device | str) -> torch.Tensor:
+    """Boolean attention mask [n, past_len + n] (True = may attend): every node sees the whole
+    committed past and its own ancestors, itself included."""
     n = len(parents)
     allowed = torch.ones(n, past_len + n, dtype=torch.bool)
     allowed[:, past_len:] = ancestor_matrix(parents)
-    bias = torch.zeros(n, past_len + n, dtype=dtype)
-    bias.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return bias.to(device)[None, None]
+    return allowed.to(device)
 
 
 def select_nodes(parents: Sequence[int], scores: Sequence[float], total_tokens: int) -> list[int]:

@@ -102,10 +102,25 @@ def test_commit_side_branch_path_and_cache_shape():
     runner.forward_tree(state, tree)
     runner.commit(state, [0, 2, 4])
     assert state.length == 6 and state.pending == 0
-    for layer in state.cache.layers:
-        assert layer.keys.shape[-2] == 6 and layer.values.shape[-2] == 6
+    fresh = runner.new_state()
+    runner.prefill(fresh, [5, 6, 7, 8, 2, 4])
+    torch.testing.assert_close(state.cache.data[:, :, :, :6], fresh.cache.data[:, :, :, :6], atol=TOL, rtol=TOL)
     logits, _ = runner.forward_tree(state, DraftTree.single(9))
     expected, _ = plain_forward(runner, [5, 6, 7, 8, 2, 4, 9])
+    torch.testing.assert_close(logits[0], expected[-1], atol=TOL, rtol=TOL)
+
+
+def test_cache_grows_past_its_initial_capacity():
+    runner = tiny_runner(3)
+    state = runner.new_state(capacity=4)
+    ids = list(range(1, 40))
+    runner.prefill(state, ids[:3])
+    for t in ids[3:]:
+        runner.forward_tree(state, DraftTree([t, 1, 2], [-1, 0, 1]))
+        runner.commit(state, [0])
+    assert state.cache.capacity >= len(ids)
+    logits, _ = runner.forward_tree(state, DraftTree.single(7))
+    expected, _ = plain_forward(runner, ids + [7])
     torch.testing.assert_close(logits[0], expected[-1], atol=TOL, rtol=TOL)
 
 
