@@ -143,10 +143,9 @@ class _Attention(nn.Module):
         q, k = self._rope(q, positions), self._rope(k, positions)
         if cache is not None:
             k, v = cache.append(k, v)
-        groups = self.heads // self.kv_heads
-        k = k.repeat_interleave(groups, dim=-3)
-        v = v.repeat_interleave(groups, dim=-3)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and t > 1)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, enable_gqa=self.heads != self.kv_heads
+        )
         return self.o_proj(out.transpose(-2, -3).reshape(*lead, t, self.heads * self.head_dim))
 
 
