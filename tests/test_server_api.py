@@ -45,7 +45,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE)
 
 
-def tiny_engine() -> Engine:
+def tiny_engine(round_delay: float = 0.0) -> Engine:
+    """A random 2-layer target with a random head; `round_delay` seconds are added to each
+    drafted round (to keep a generation busy for the queue and disconnect tests)."""
     tokenizer = byte_tokenizer()
     torch.manual_seed(0)
     cfg = LlamaConfig(
@@ -54,15 +56,34 @@ def tiny_engine() -> Engine:
     )
     runner = TargetRunner(LlamaForCausalLM(cfg).eval().requires_grad_(False), tokenizer, name="tiny")
     head = DraftHead(HeadConfig.for_target(runner.config, "fspad", target="tiny"), runner.embed_tokens, runner.lm_head.weight)
-    return Engine(runner, HeadDrafter(head, TreeConfig(top_k=2, depth=2, total_tokens=4)), "embedded", "tiny")
+    drafter = SlowDrafter(head, TreeConfig(top_k=2, depth=2, total_tokens=4), round_delay)
+    return Engine(runner, drafter, "embedded", "tiny")
 
 
-@pytest.fixture(scope="module")
-def base() -> Iterator[str]:
-    """The app on a tiny engine, served by uvicorn in a thread: one slot, one queue place."""
+class SlowDrafter(HeadDrafter):
+    """A head drafter whose proposals take `delay` extra seconds."""
+
+    def __init__(self, head: DraftHead, tree: TreeConfig, delay: float):
+        super().__init__(head, tree)
+        self.delay = delay
+
+    def open(self, token_ids, features):
+        session = super().open(token_ids, features)
+        propose = session.propose
+
+        def slow_propose():
+            time.sleep(self.delay)
+            return propose()
+
+        session.propose = slow_propose
+        return session
+
+
+def serve_app(engine: Engine) -> Iterator[str]:
+    """The app on `engine`, served by uvicorn in a thread: one slot, one queue place, an API key."""
     port = free_port()
     conf = VerifierSettings(port=port, api_key=KEY, max_concurrency=1, max_queue=1, max_n=MAX_N, default_max_tokens=8)
-    server = uvicorn.Server(uvicorn.Config(create_app(tiny_engine(), conf), host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_app(engine, conf), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
@@ -71,6 +92,17 @@ def base() -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def base() -> Iterator[str]:
+    yield from serve_app(tiny_engine())
+
+
+@pytest.fixture(scope="module")
+def slow_base() -> Iterator[str]:
+    """A server whose generations take at least 20 ms a round: long ones stay busy for a minute."""
+    yield from serve_app(tiny_engine(round_delay=0.02))
 
 
 def post(base: str, path: str, body: dict, **kw) -> httpx.Response:
@@ -237,56 +269,62 @@ def test_api_key_required(base: str, headers: dict) -> None:
     assert httpx.get(base + "/health", headers=headers).status_code == 200
 
 
-def open_stream(base: str, client: httpx.Client, max_tokens: int = 3000):
-    """Start a long streamed completion; returns the response after its first event arrived."""
-    request = client.build_request("POST", base + "/v1/completions", json={"prompt": "long", "max_tokens": max_tokens, "stream": True, "temperature": 0}, headers=AUTH)
-    response = client.send(request, stream=True)
-    assert response.status_code == 200
-    lines = response.iter_lines()
-    while not next(lines).startswith("data: "):
-        pass
-    return response
+class OpenStream:
+    """A long streamed completion, open after its first event arrived, until `close()`."""
+
+    def __init__(self, base: str, client: httpx.Client, max_tokens: int = 3000):
+        request = client.build_request("POST", base + "/v1/completions", json={"prompt": "long", "max_tokens": max_tokens, "stream": True, "temperature": 0}, headers=AUTH)
+        self.response = client.send(request, stream=True)
+        assert self.response.status_code == 200
+        self.lines = self.response.iter_lines()  # dropping this iterator would close the stream
+        while not next(self.lines).startswith("data: "):
+            pass
+
+    def close(self) -> None:
+        self.response.close()
 
 
-def test_full_queue_is_429_and_disconnect_frees_the_slots(base: str) -> None:
-    wait_idle(base)
+def test_full_queue_is_429_and_disconnect_frees_the_slots(slow_base: str) -> None:
+    wait_idle(slow_base)
     with httpx.Client(timeout=60) as running_client, httpx.Client(timeout=60) as queued_client:
-        running = open_stream(base, running_client)
-        queued_request = queued_client.build_request("POST", base + "/v1/completions", json={"prompt": "q", "max_tokens": 3000, "stream": True}, headers=AUTH)
+        running = OpenStream(slow_base, running_client)
+        queued_request = queued_client.build_request("POST", slow_base + "/v1/completions", json={"prompt": "q", "max_tokens": 3000, "stream": True}, headers=AUTH)
         queued = queued_client.send(queued_request, stream=True)
         assert queued.status_code == 200
         deadline = time.monotonic() + 10
-        while metric(base, "specdec_queue_depth") < 1:
-            assert time.monotonic() < deadline
+        while metric(slow_base, "specdec_queue_depth") < 1:
+            assert time.monotonic() < deadline, "the second request should wait in the queue"
             time.sleep(0.05)
-        rejected = post(base, "/v1/completions", {"prompt": "x", "max_tokens": 1})
+        rejected = post(slow_base, "/v1/completions", {"prompt": "x", "max_tokens": 1})
         assert rejected.status_code == 429
         assert rejected.json()["error"] == {"message": rejected.json()["error"]["message"], "type": "rate_limit_error", "param": None, "code": "queue_full"}
-        assert metric(base, "specdec_requests_total") > 0
+        assert metric(slow_base, "specdec_requests_total") > 0
         running.close()
         queued.close()
-    assert wait_idle(base) < 5
-    assert post(base, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
+    assert wait_idle(slow_base) < 5
+    assert post(slow_base, "/v1/completions", {"prompt": "x", "max_tokens": 1}).status_code == 200
 
 
-def test_disconnect_cancels_a_streamed_generation(base: str) -> None:
-    wait_idle(base)
-    tokens_before = metric(base, "specdec_generated_tokens_total")
+def test_disconnect_cancels_a_streamed_generation(slow_base: str) -> None:
+    wait_idle(slow_base)
+    tokens_before = metric(slow_base, "specdec_generated_tokens_total")
     with httpx.Client(timeout=60) as client:
-        open_stream(base, client).close()
-    wait_idle(base)
-    generated = metric(base, "specdec_generated_tokens_total") - tokens_before
-    assert 0 < generated < 3000, f"the generation should stop early, it made {generated} tokens"
+        OpenStream(slow_base, client).close()
+    assert wait_idle(slow_base) < 2.0, "a round takes ~20 ms: the generation should stop within a round or so"
+    generated = metric(slow_base, "specdec_generated_tokens_total") - tokens_before
+    assert 0 < generated < 500, f"the generation should stop early, it made {generated} tokens"
 
 
-def test_disconnect_cancels_a_whole_generation(base: str) -> None:
-    wait_idle(base)
-    tokens_before = metric(base, "specdec_generated_tokens_total")
+def test_disconnect_cancels_a_whole_generation(slow_base: str) -> None:
+    wait_idle(slow_base)
+    tokens_before = metric(slow_base, "specdec_generated_tokens_total")
     with pytest.raises(httpx.ReadTimeout):
-        httpx.post(base + "/v1/completions", json={"prompt": "long", "max_tokens": 3000, "temperature": 0}, headers=AUTH, timeout=0.5)
-    wait_idle(base)
-    generated = metric(base, "specdec_generated_tokens_total") - tokens_before
-    assert 0 < generated < 3000, f"the generation should stop early, it made {generated} tokens"
+        httpx.post(slow_base + "/v1/completions", json={"prompt": "long", "max_tokens": 3000, "temperature": 0}, headers=AUTH, timeout=0.5)
+    assert wait_idle(slow_base) < 2.0, "a round takes ~20 ms: the generation should stop within a round or so"
+    generated = metric(slow_base, "specdec_generated_tokens_total") - tokens_before
+    assert 0 < generated < 500, f"the generation should stop early, it made {generated} tokens"
+    closed = 'specdec_requests_total{endpoint="/v1/completions",status="499"}'
+    assert any(line.startswith(closed) for line in httpx.get(slow_base + "/metrics").text.splitlines())
 
 
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])

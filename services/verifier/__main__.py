@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     app = create_app(engine, settings)
     try:
-        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level)
+        uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level, timeout_graceful_shutdown=settings.grace_seconds)
     finally:
         engine.close()
     return 0

@@ -4,15 +4,19 @@ server-sent events or whole), models, health, readiness and Prometheus metrics."
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import logging
 import time
 import uuid
+from contextlib import asynccontextmanager
 from typing import AsyncIterator, Callable
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from services.verifier.engine import Engine
@@ -23,7 +27,11 @@ from services.verifier.settings import VerifierSettings
 from specdec.config import ConfigError, SamplingParams, StopConfig
 from specdec.generate import Chunk, Generation
 
+log = logging.getLogger("specdec.verifier")
+
 MAX_STOP_STRINGS = 4
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never sent)
+_BEARER = HTTPBearer(auto_error=False, description="the API key, when the server has one")
 # Lower temperatures overflow the logits / temperature division: they are greedy in effect.
 MIN_TEMPERATURE = 1e-5
 # Lower top_p values underflow in float32 (and keep only the top token anyway, as this does).
@@ -52,22 +60,26 @@ ERROR_RESPONSES = {
 
 
 def create_app(engine: Engine, settings: VerifierSettings, metrics: Metrics | None = None) -> FastAPI:
-    """An app serving `engine`; the scheduler is created on startup, inside the event loop."""
+    """An app serving `engine`; the scheduler lives from startup to shutdown, inside the event loop."""
     metrics = metrics or Metrics()
-    app = FastAPI(title="specdec verifier", version="0.1.0", description="Lossless speculative decoding, OpenAI-compatible")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.scheduler = Scheduler(settings.max_concurrency, settings.max_queue, metrics)
+        yield
+        app.state.scheduler.shutdown()
+
+    app = FastAPI(title="specdec verifier", version="0.1.0", description="Lossless speculative decoding, OpenAI-compatible", lifespan=lifespan)
     app.state.engine, app.state.settings, app.state.metrics = engine, settings, metrics
-    app.router.add_event_handler("startup", lambda: setattr(app.state, "scheduler", _make_scheduler(settings, metrics)))
-    app.router.add_event_handler("shutdown", lambda: app.state.scheduler.shutdown())
     app.add_middleware(RequestCounter, metrics=metrics)
     _add_error_handlers(app)
 
-    async def check_api_key(request: Request) -> None:
+    async def check_api_key(credentials: HTTPAuthorizationCredentials | None = Depends(_BEARER)) -> None:
         key = settings.api_key
         if key is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.get_secret_value().encode()):
+        given = credentials.credentials if credentials else ""
+        if not hmac.compare_digest(given.encode(), key.get_secret_value().encode()):
             raise APIError(401, "missing or invalid API key (send 'Authorization: Bearer KEY')", code="invalid_api_key")
 
     auth = [Depends(check_api_key)]
@@ -91,7 +103,7 @@ def create_app(engine: Engine, settings: VerifierSettings, metrics: Metrics | No
 
     @app.post("/v1/completions", dependencies=auth, responses=ERROR_RESPONSES)
     async def completions(body: CompletionRequest, request: Request):
-        prompt_ids = _prompt_ids(engine, body.prompt)
+        prompt_ids = await asyncio.to_thread(_prompt_ids, engine, body.prompt)
         return await _serve(request, body, prompt_ids, body.max_tokens, CompletionFormat(engine.model_name))
 
     @app.post("/v1/chat/completions", dependencies=auth, responses=ERROR_RESPONSES)
@@ -102,10 +114,6 @@ def create_app(engine: Engine, settings: VerifierSettings, metrics: Metrics | No
         return await _serve(request, body, prompt_ids, max_tokens, ChatFormat(engine.model_name))
 
     return app
-
-
-def _make_scheduler(settings: VerifierSettings, metrics: Metrics) -> Scheduler:
-    return Scheduler(settings.max_concurrency, settings.max_queue, metrics)
 
 
 def _model_card(engine: Engine) -> dict:
@@ -175,12 +183,18 @@ async def _serve(request: Request, body: SamplingFields, prompt_ids: list[int], 
             texts[index] += chunk.text
             finish[index] = chunk.finish_reason or finish[index]
 
-    await _unless_disconnected(request, consume())
+    try:
+        finished = await _unless_disconnected(request, consume())
+    finally:
+        admission.drop()
+    if not finished:
+        return Response(status_code=CLIENT_CLOSED_REQUEST)
     return fmt.whole(texts, finish, _usage(gens), _speculation(gens))
 
 
-async def _unless_disconnected(request: Request, work) -> None:
-    """Run `work`; cancel it (and so its generation, within a round) if the client goes away."""
+async def _unless_disconnected(request: Request, work) -> bool:
+    """Run `work` to its end (True), or cancel it (and so its generation, within a round) when
+    the client goes away first (False)."""
     task = asyncio.ensure_future(work)
 
     async def disconnected() -> None:
@@ -190,13 +204,18 @@ async def _unless_disconnected(request: Request, work) -> None:
     watcher = asyncio.ensure_future(disconnected())
     try:
         await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:
+        task.cancel()
+        raise
     finally:
         watcher.cancel()
-        if not task.done():
-            task.cancel()
-    if task.cancelled():
-        raise asyncio.CancelledError("client disconnected")
-    task.result()
+    if task.done():
+        task.result()
+        return True
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    return False
 
 
 async def _stream_events(
@@ -224,6 +243,9 @@ async def _stream_events(
             yield _sse(fmt.usage_chunk(_usage(gens), _speculation(gens)))
     except ConfigError as exc:
         yield _sse({"error": {"message": str(exc), "type": "invalid_request_error", "param": None, "code": None}})
+    except Exception as exc:  # headers are sent: report in-band, like OpenAI's streams do
+        log.exception("generation failed mid-stream")
+        yield _sse({"error": {"message": f"internal error: {type(exc).__name__}", "type": "server_error", "param": None, "code": None}})
     finally:
         admission.drop()
     yield "data: [DONE]\n\n"
@@ -260,13 +282,12 @@ class ResponseFormat:
 
     object_name = ""
     chunk_object_name = ""
+    id_prefix = "cmpl"
 
     def __init__(self, model: str):
         self.model = model
         self.id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
-
-    id_prefix = "cmpl"
 
     def _envelope(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model}

@@ -50,6 +50,7 @@ class VerifierSettings(BaseSettings):
     max_queue: int = Field(16, ge=0, description="requests waiting for a slot before 429")
     max_n: int = Field(4, ge=1, description="largest n (choices per request)")
     default_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens generate at most this")
+    grace_seconds: float = Field(25.0, ge=0, description="on SIGTERM, time given to requests in flight before they are cut")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     def tree(self) -> TreeConfig:
