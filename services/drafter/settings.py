@@ -3,9 +3,10 @@ defaults, parsed once at start (never at import)."""
 
 from __future__ import annotations
 
+import sys
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, ValidationError
 from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
 
 from specdec.config import TreeConfig
@@ -38,5 +39,9 @@ class DrafterSettings(BaseSettings):
 
 
 def parse_settings(argv: list[str] | None) -> DrafterSettings:
-    """Flags from argv (None: sys.argv), then the environment, then defaults."""
-    return CliApp.run(DrafterSettings, cli_args=argv)
+    """Flags from argv (None: sys.argv), then the environment, then defaults; exit 2 when invalid."""
+    try:
+        return CliApp.run(DrafterSettings, cli_args=argv)
+    except ValidationError as exc:
+        print(f"python -m services.drafter: invalid settings: {exc}", file=sys.stderr)
+        raise SystemExit(2) from exc
