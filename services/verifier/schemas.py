@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 
 class StreamOptions(BaseModel):
@@ -25,6 +25,14 @@ class SamplingFields(BaseModel):
     n: int = Field(1, ge=1, description="choices to generate")
     stream: bool = Field(False, description="server-sent events, one chunk per committed round")
     stream_options: StreamOptions | None = None
+    logprobs: bool | int | None = Field(None, description="not supported: only null, false or 0")
+
+    @field_validator("logprobs")
+    @classmethod
+    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+        if value:
+            raise ValueError("logprobs are not supported by this server")
+        return value
 
     def stop_strings(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -36,6 +44,15 @@ class SamplingFields(BaseModel):
 class CompletionRequest(SamplingFields):
     prompt: str | list[int] = Field(..., description="text, or token ids")
     max_tokens: int | None = Field(16, ge=0, description="tokens to generate at most")
+    echo: bool = Field(False, description="not supported: only false")
+    best_of: int | None = Field(None, description="not supported: only null or 1")
+
+    @field_validator("echo", "best_of")
+    @classmethod
+    def _unsupported(cls, value: bool | int | None, info: ValidationInfo) -> bool | int | None:
+        if value not in (None, False, 1) or (info.field_name == "echo" and value):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return value
 
 
 class ChatMessage(BaseModel):
