@@ -130,8 +130,11 @@ def find_divergence(
         logits = runner.model(input_ids=torch.tensor([list(prompt) + list(ar_ids[:position])], device=runner.device)).logits
     top2 = torch.topk(logits[0, -1].float(), 2).values
     margin = float(top2[0] - top2[1])
-    at = lambda seq: int(seq[position]) if position < len(seq) else None  # noqa: E731
-    return Divergence(position, at(ar_ids), at(ids), margin, margin < near_tie)
+    return Divergence(position, _token_at(ar_ids, position), _token_at(ids, position), margin, margin < near_tie)
+
+
+def _token_at(ids: Sequence[int], position: int) -> int | None:
+    return int(ids[position]) if position < len(ids) else None
 
 
 Runner = Callable[[list[int], int, int], PathRun]
