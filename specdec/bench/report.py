@@ -21,7 +21,7 @@ def markdown_table(result: dict) -> str:
         row += [f"{b['peers'][p]['spec_speedup']:.2f}x" for p in peers]
         row += ["-" if b["greedy_mismatches"] is None else b["greedy_mismatches"], "-" if b["near_tie_mismatches"] is None else b["near_tie_mismatches"]]
         rows.append([str(c) for c in row])
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+    return "\n".join(_row(r) for r in rows)
 
 
 def write_report(result: dict, out_dir: str | Path) -> list[Path]:
@@ -48,10 +48,10 @@ def _markdown(result: dict) -> str:
         f"{o['rounds']} speculative rounds, {o['mean_accepted']:.2f} draft tokens accepted per round, "
         f"{o['draft_tokens_per_round']:.1f} drafted per round, {o['fallback_rounds']} rounds without the drafter.",
         "",
-        "| accepted | " + " | ".join(str(n) for n in range(len(o["acceptance_histogram"]))) + " |",
-        "| --- |" + " --- |" * len(o["acceptance_histogram"]),
-        "| rounds | " + " | ".join(str(n) for n in o["acceptance_histogram"]) + " |",
-        "| ≥ depth rate | - | " + " | ".join(f"{r:.3f}" for r in o["accepted_by_depth"]) + " |",
+        _row(["accepted", *range(len(o["acceptance_histogram"]))]),
+        _row(["---"] * (1 + len(o["acceptance_histogram"]))),
+        _row(["rounds", *o["acceptance_histogram"]]),
+        _row(["≥ depth rate", "-", *(f"{r:.3f}" for r in o["accepted_by_depth"])]),
         "",
         f"![speedup per category]({SPEEDUP_PNG})",
         f"![acceptance lengths]({HISTOGRAM_PNG})",
@@ -71,6 +71,10 @@ def _markdown(result: dict) -> str:
     lines += ["", "## Configuration", ""] + [f"- {k}: {v}" for k, v in cfg.items()]
     lines += ["", "## Machine", ""] + [f"- {k}: {v}" for k, v in machine.items()]
     return "\n".join(lines) + "\n"
+
+
+def _row(cells) -> str:
+    return "| " + " | ".join(str(c) for c in cells) + " |"
 
 
 def _pyplot():
