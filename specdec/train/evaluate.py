@@ -89,6 +89,8 @@ def evaluate(
             if r["settings"] == settings:
                 done[r["question_id"]] = r
     records = []
+    if progress_file is not None:
+        Path(progress_file).parent.mkdir(parents=True, exist_ok=True)
     sink = Path(progress_file).open("a") if progress_file is not None else None
     try:
         for i, q in enumerate(tqdm(questions, desc="evaluate", unit="question", disable=not progress)):
