@@ -11,12 +11,14 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Return the target's sampling distribution over the last dimension of `logits`.
 
     Greedy (temperature 0) returns a one-hot distribution on the argmax, so greedy decoding is
-    the same code path as sampling from a point mass. Computed in float32 whatever the input.
+    the same code path as sampling from a point mass. Computed in float64 whatever the input, so
+    that temperatures down to ~1e-300 and any top_p in (0, 1] give a proper distribution.
     """
-    logits = logits.float()
     if params.greedy:
-        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-    logits = logits / params.temperature
+        return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).double()
+    logits = logits.double()
+    # Shift before dividing so that a tiny temperature sends the others to -inf, never to NaN.
+    logits = (logits - logits.max(-1, keepdim=True).values) / params.temperature
     if params.top_k and params.top_k < logits.shape[-1]:
         kth = torch.topk(logits, params.top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -24,7 +26,9 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     if params.top_p < 1.0:
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
-        sorted_probs = sorted_probs.masked_fill(mass_before >= params.top_p, 0.0)
+        drop = mass_before >= params.top_p
+        drop[..., 0] = False  # the most likely token always stays, however small top_p is
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs

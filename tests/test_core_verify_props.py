@@ -121,3 +121,15 @@ def test_select_nodes_keeps_parents_and_order(tree, data):
     assert [small.depths()[j] for j in range(len(kept))] == [depth[i] for i in kept]
     anc = ancestor_matrix(small.parents)
     assert bool(anc.diagonal().all()) and bool(anc[:, 0].all())
+
+
+@given(
+    st.lists(st.floats(-30, 30), min_size=2, max_size=20),
+    st.sampled_from([1e-300, 1e-40, 1e-8, 1e-3]),
+    st.sampled_from([2e-313, 1e-45, 1e-9, 0.3]),
+)
+def test_extreme_temperature_and_top_p_stay_distributions(logits, temperature, top_p):
+    p = warp_probs(torch.tensor(logits), SamplingParams(temperature=temperature, top_p=top_p))
+    assert not torch.isnan(p).any() and abs(float(p.sum()) - 1.0) < 1e-5
+    x = torch.tensor(logits)
+    assert x[p > 0].max() == x.max()  # the mass sits on a most likely token

@@ -32,10 +32,6 @@ log = logging.getLogger("specdec.verifier")
 MAX_STOP_STRINGS = 4
 CLIENT_CLOSED_REQUEST = 499  # nginx's status for a request whose client went away (never sent)
 _BEARER = HTTPBearer(auto_error=False, description="the API key, when the server has one")
-# Lower temperatures overflow the logits / temperature division: they are greedy in effect.
-MIN_TEMPERATURE = 1e-5
-# Lower top_p values underflow in float32 (and keep only the top token anyway, as this does).
-MIN_TOP_P = 1e-6
 
 
 class APIError(Exception):
@@ -156,8 +152,7 @@ def _generations(request: Request, body: SamplingFields, prompt_ids: list[int], 
     gens = []
     for i in range(body.n):
         seed = None if body.seed is None else (body.seed + i) % 2**63
-        temperature = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
-        sampling = SamplingParams(temperature=temperature, top_p=max(body.top_p, MIN_TOP_P), seed=seed)
+        sampling = SamplingParams(temperature=body.temperature, top_p=body.top_p, seed=seed)
         gens.append(engine.generation(prompt_ids, sampling, stop))
     return gens
 

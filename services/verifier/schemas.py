@@ -18,7 +18,7 @@ class SamplingFields(BaseModel):
 
     model: str | None = Field(None, description="served model id (see /v1/models); optional")
     max_tokens: int | None = Field(None, ge=0, description="tokens to generate at most")
-    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy (so is anything below 1e-5)")
+    temperature: float = Field(1.0, ge=0.0, le=2.0, description="0 = greedy")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling mass")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="sampling seed (choice i uses seed + i)")
     stop: str | list[str] | None = Field(None, description="up to 4 stop strings")
