@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -80,3 +81,13 @@ def spawn(tmp_path_factory) -> Iterator[Callable[..., Child]]:
     yield start
     for child in children:
         child.stop()
+
+
+def sse_events(response: httpx.Response) -> list[dict | str]:
+    """Parse a server-sent-events body into JSON objects (and the final '[DONE]')."""
+    events: list[dict | str] = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line[len("data: ") :]
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events

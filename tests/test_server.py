@@ -12,21 +12,11 @@ from csv import DictReader
 import httpx
 import pytest
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, sse_events
 
 TREE = ["--head", "random", "--top-k", "4", "--depth", "3", "--total-tokens", "8"]
 PROMPT = "The three primary colors are"
 MAX_TOKENS = 16
-
-
-def sse_events(response: httpx.Response) -> list[dict | str]:
-    """Parse a server-sent-events body into JSON objects (and the final '[DONE]')."""
-    events: list[dict | str] = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 @pytest.fixture(scope="module")

@@ -28,6 +28,7 @@ from specdec.drafter import HeadDrafter
 from specdec.head import DraftHead, HeadConfig
 from specdec.target import TargetRunner
 from tests.conftest import free_port
+from tests.tiny import SlowDrafter
 
 KEY = "sk-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -56,27 +57,8 @@ def tiny_engine(round_delay: float = 0.0) -> Engine:
     )
     runner = TargetRunner(LlamaForCausalLM(cfg).eval().requires_grad_(False), tokenizer, name="tiny")
     head = DraftHead(HeadConfig.for_target(runner.config, "fspad", target="tiny"), runner.embed_tokens, runner.lm_head.weight)
-    drafter = SlowDrafter(head, TreeConfig(top_k=2, depth=2, total_tokens=4), round_delay)
+    drafter = SlowDrafter(HeadDrafter(head, TreeConfig(top_k=2, depth=2, total_tokens=4)), round_delay)
     return Engine(runner, drafter, "embedded", "tiny")
-
-
-class SlowDrafter(HeadDrafter):
-    """A head drafter whose proposals take `delay` extra seconds."""
-
-    def __init__(self, head: DraftHead, tree: TreeConfig, delay: float):
-        super().__init__(head, tree)
-        self.delay = delay
-
-    def open(self, token_ids, features):
-        session = super().open(token_ids, features)
-        propose = session.propose
-
-        def slow_propose():
-            time.sleep(self.delay)
-            return propose()
-
-        session.propose = slow_propose
-        return session
 
 
 def serve_app(engine: Engine) -> Iterator[str]:

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from tests.conftest import REPO, free_port
+from tests.conftest import REPO, free_port, sse_events
 
 TREE = ["--head", "random", "--top-k", "4", "--depth", "3", "--total-tokens", "8"]
 PROMPT = "Once upon a time, a sailor"
@@ -23,15 +23,6 @@ CHAT_PROMPT = "Write one sentence about the sea."
 MAX_TOKENS = 16
 KEY = "test-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
-
-
-def sse_events(response: httpx.Response) -> list[dict | str]:
-    events: list[dict | str] = []
-    for line in response.iter_lines():
-        if line.startswith("data: "):
-            data = line[len("data: ") :]
-            events.append(data if data == "[DONE]" else json.loads(data))
-    return events
 
 
 def specdec_generate(prompt: str, *extra: str) -> dict:

@@ -21,28 +21,9 @@ from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import DrafterUnavailable, HeadDrafter
 from specdec.generate import Generation
 from tests.conftest import free_port
-from tests.tiny import tiny_drafter, tiny_runner
+from tests.tiny import SlowDrafter, tiny_drafter, tiny_runner
 
 PROMPT = [5, 9, 14, 3, 22, 7]
-
-
-class SlowDrafter(HeadDrafter):
-    """The tiny head drafter, whose sessions take `delay` seconds per proposal."""
-
-    def __init__(self, inner: HeadDrafter, delay: float):
-        super().__init__(inner.head, inner.tree)
-        self.delay = delay
-
-    def open(self, token_ids, features):
-        session = super().open(token_ids, features)
-        propose = session.propose
-
-        def slow_propose():
-            time.sleep(self.delay)
-            return propose()
-
-        session.propose = slow_propose
-        return session
 
 
 def serve(drafter: HeadDrafter, max_sessions: int = 4) -> tuple[grpc.Server, DrafterServicer, str]:

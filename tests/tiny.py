@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -109,3 +111,22 @@ class OracleSession(DraftSession):
 
     def close(self) -> None:
         self.tokens = []
+
+
+class SlowDrafter(HeadDrafter):
+    """A head drafter whose proposals each take `delay` extra seconds (deadline tests)."""
+
+    def __init__(self, inner: HeadDrafter, delay: float):
+        super().__init__(inner.head, inner.tree)
+        self.delay = delay
+
+    def open(self, token_ids, features):
+        session = super().open(token_ids, features)
+        propose = session.propose
+
+        def slow_propose():
+            time.sleep(self.delay)
+            return propose()
+
+        session.propose = slow_propose
+        return session
