@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,7 +18,9 @@ from specdec.target import TargetRunner
 
 pytestmark = pytest.mark.real
 
-DEV_SET = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval" / "spec_bench_dev.jsonl"
+# The dev set lives in ../shared beside the checkout (CI's layout); SPECDEC_SHARED_DIR points elsewhere.
+SHARED = Path(os.environ.get("SPECDEC_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
+DEV_SET = SHARED / "data" / "eval" / "spec_bench_dev.jsonl"
 NEAR_TIE = 1e-4  # float32 top-2 logit margin below which a tree/plain difference is arithmetic
 
 
@@ -28,6 +31,7 @@ def runner() -> TargetRunner:
 
 def dev_prompts(count: int) -> list[str]:
     """First turns of `count` dev questions from distinct categories."""
+    assert DEV_SET.is_file(), f"dev set not found at {DEV_SET}: set SPECDEC_SHARED_DIR to the shared folder"
     seen, prompts = set(), []
     for line in DEV_SET.read_text().splitlines():
         q = json.loads(line)
