@@ -12,6 +12,8 @@ an embedded drafter from a remote one.
 
 from __future__ import annotations
 
+import json
+import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +24,8 @@ from specdec.config import ConfigError, TreeConfig
 from specdec.head import DraftHead, HeadCache, HeadConfig
 from specdec.target import TargetRunner
 from specdec.tree import DraftTree, select_nodes, subtree
+
+log = logging.getLogger(__name__)
 
 
 class DrafterUnavailable(RuntimeError):
@@ -177,11 +181,20 @@ def default_head_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "heads" / DEFAULT_HEAD
 
 
+def _default_head_for(runner: TargetRunner) -> str:
+    config = default_head_dir() / "config.json"
+    if config.is_file() and json.loads(config.read_text()).get("target") == runner.name:
+        return str(default_head_dir())
+    log.warning("no trained draft head for target %s: using a random head (lossless, but slow); pass --head", runner.name)
+    return "random"
+
+
 def load_head_drafter(runner: TargetRunner, head: str | None, tree: TreeConfig, seed: int = 0) -> HeadDrafter:
     """A drafter from a saved head directory, "random" (a randomly initialised FSPAD head:
-    lossless but slow), or None for the shipped default head (random if none is shipped)."""
+    lossless but slow), or None for the shipped default head when the runner is the target it
+    was trained for (random otherwise, with a warning)."""
     if head is None:
-        head = str(default_head_dir()) if (default_head_dir() / "config.json").is_file() else "random"
+        head = _default_head_for(runner)
     if head == "random":
         torch.manual_seed(seed)
         cfg = HeadConfig.for_target(runner.config, "fspad", target=runner.name)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from specdec.config import ConfigError, TreeConfig
-from specdec.drafter import HeadDrafter
+from specdec.drafter import HeadDrafter, load_head_drafter
 from specdec.head import DraftHead, HeadCache
 from tests.tiny import tiny_head, tiny_runner
 
@@ -67,3 +67,11 @@ def test_save_load_roundtrip_and_refusals(tmp_path):
         DraftHead.load(tmp_path / "h", other.embed_tokens, other.lm_head.weight, other.config)
     with pytest.raises(ConfigError, match="missing"):
         DraftHead.load(tmp_path / "nothing", runner.embed_tokens, runner.lm_head.weight, runner.config)
+
+
+def test_default_head_is_random_for_a_target_it_was_not_trained_for(caplog):
+    runner = tiny_runner(3)
+    with caplog.at_level("WARNING", logger="specdec.drafter"):
+        drafter = load_head_drafter(runner, None, TreeConfig())
+    assert drafter.head.cfg.vocab_size == runner.vocab_size
+    assert "no trained draft head" in caplog.text
