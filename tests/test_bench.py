@@ -132,7 +132,7 @@ def test_cli_help_lists_the_options(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--questions", "--limit", "--max-new-tokens", "--temperature", "--head", "--peers", "--json", "--report", "--top-k", "--model"):
+    for option in ("--questions", "--limit", "--per-category", "--max-new-tokens", "--temperature", "--head", "--peers", "--json", "--report", "--top-k", "--model"):
         assert option in out
 
 
@@ -150,3 +150,18 @@ def test_cli_runs_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6} and result["config"]["peers"] == ["pld"]
     assert "| writing |" in capsys.readouterr().out
     assert (report / "report.md").is_file()
+
+
+def test_cli_per_category_takes_the_first_questions_of_each_category(tmp_path, monkeypatch, capsys):
+    questions = tmp_path / "questions.jsonl"
+    extra = Question("q3", "writing", ["AnotherOne"])
+    questions.write_text("".join(json.dumps({"question_id": q.question_id, "category": q.category, "turns": q.turns}) + "\n" for q in [*QUESTIONS, extra]))
+    monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner(5))
+    out_json = tmp_path / "bench.json"
+    argv = ["bench", "--questions", str(questions), "--per-category", "1", "--max-new-tokens", "4", "--head", "random", "--json", str(out_json)]
+    assert main(argv) == 0
+    result = json.loads(out_json.read_text())
+    assert result["config"]["questions"] == 2 and result["config"]["per_category"] == 1
+    assert set(result["per_category"]) == {"writing", "math"}
+    assert main([*argv[:3], "--per-category", "0"]) != 0
+    assert "--per-category must be >= 1" in capsys.readouterr().err

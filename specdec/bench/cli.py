@@ -24,6 +24,7 @@ def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
     )
     p.add_argument("--questions", required=True, help="Spec-Bench JSONL: question_id, category, turns")
     p.add_argument("--limit", type=int, default=None, help="use the first N questions")
+    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per turn at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (mismatches are checked only then)")
     p.add_argument("--seed", type=int, default=0, help="base sampling seed (turn i uses seed + i)")
@@ -46,16 +47,20 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from specdec.bench.report import markdown_table, write_report
     from specdec.bench.summary import machine_info, summarize
     from specdec.drafter import load_head_drafter
-    from specdec.train.data import read_questions
+    from specdec.train.data import first_per_category, read_questions
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
+    if args.per_category is not None and args.per_category < 1:
+        raise ConfigError(f"--per-category must be >= 1, got {args.per_category}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
     questions, read = read_questions(args.questions, args.limit)
     read.warn(args.questions)
+    if args.per_category is not None:
+        questions = first_per_category(questions, args.per_category)
     if not questions:
         raise ConfigError(f"no valid questions in {args.questions}")
     config = BenchConfig(args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie)
@@ -70,6 +75,7 @@ def run_bench_command(args: argparse.Namespace) -> int:
         "questions_file": str(args.questions),
         "questions": len(questions),
         "limit": args.limit,
+        "per_category": args.per_category,
         "model": runner.name,
         "head": args.head or "default",
         "tree": asdict(tree),
