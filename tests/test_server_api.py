@@ -222,6 +222,11 @@ def test_token_id_prompt(base: str) -> None:
         ("/v1/completions", {"prompt": "x", "echo": True}, "echo"),
         ("/v1/completions", {"prompt": "x", "best_of": 3}, "best_of"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logprobs": True}, "logprobs"),
+        ("/v1/completions", {"prompt": "x", "presence_penalty": 0.5}, "presence_penalty"),
+        ("/v1/completions", {"prompt": "x", "frequency_penalty": -1}, "frequency_penalty"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "logit_bias": {"5": 10}}, "logit_bias"),
+        ("/v1/completions", {"prompt": "x", "top_k": 5}, "top_k"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x", "mood": "?"}]}, "messages.0.mood"),
         ("/v1/chat/completions", {"messages": []}, "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, "max_completion_tokens"),
@@ -236,6 +241,15 @@ def test_bad_parameters_are_400_in_openai_shape(base: str, path: str, body: dict
     assert set(error) == {"message", "type", "param", "code"}
     if param is not None:
         assert error["param"] == param
+
+
+def test_neutral_values_of_unimplemented_fields_are_accepted(base: str) -> None:
+    neutral = {"presence_penalty": 0, "frequency_penalty": 0.0, "logit_bias": {}, "user": "u1", "logprobs": False}
+    response = post(base, "/v1/completions", {"prompt": "x", "max_tokens": 2, **neutral})
+    assert response.status_code == 200, response.text
+    messages = [{"role": "user", "content": "x", "name": "ann"}]
+    response = post(base, "/v1/chat/completions", {"messages": messages, "max_tokens": 2, **neutral})
+    assert response.status_code == 200, response.text
 
 
 def test_invalid_json_and_unknown_model(base: str) -> None:

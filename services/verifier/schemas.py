@@ -12,9 +12,11 @@ class StreamOptions(BaseModel):
 
 
 class SamplingFields(BaseModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. Unknown fields are refused (400), and
+    the OpenAI fields this server does not implement accept only their neutral value, so no
+    request is silently answered as if it had asked for something else."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="served model id (see /v1/models); optional")
     max_tokens: int | None = Field(None, ge=0, description="tokens to generate at most")
@@ -26,12 +28,16 @@ class SamplingFields(BaseModel):
     stream: bool = Field(False, description="server-sent events, one chunk per committed round")
     stream_options: StreamOptions | None = None
     logprobs: bool | int | None = Field(None, description="not supported: only null, false or 0")
+    presence_penalty: float = Field(0.0, description="not supported: only 0")
+    frequency_penalty: float = Field(0.0, description="not supported: only 0")
+    logit_bias: dict[str, float] | None = Field(None, description="not supported: only null or {}")
+    user: str | None = Field(None, description="end-user id (accepted, not used)")
 
-    @field_validator("logprobs")
+    @field_validator("logprobs", "presence_penalty", "frequency_penalty", "logit_bias")
     @classmethod
-    def _no_logprobs(cls, value: bool | int | None) -> bool | int | None:
+    def _neutral_only(cls, value, info: ValidationInfo):
         if value:
-            raise ValueError("logprobs are not supported by this server")
+            raise ValueError(f"{info.field_name} is not supported by this server")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -56,10 +62,11 @@ class CompletionRequest(SamplingFields):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="forbid")
 
     role: Literal["system", "user", "assistant"]
     content: str
+    name: str | None = Field(None, description="participant name (accepted, not used)")
 
 
 class ChatCompletionRequest(SamplingFields):
