@@ -45,6 +45,8 @@ class GenerationStats:
     drafter_failures: int = 0
     seconds: float = 0.0
     ttft: float = 0.0
+    draft_seconds: float = 0.0  # in the drafter's propose (where the speculative round's time goes)
+    verify_seconds: float = 0.0  # in the target's forward of each round's tree
 
     @property
     def tau(self) -> float:
@@ -158,14 +160,18 @@ class Generation:
                     retry_at = None if session else round_no + self.retry_rounds
                 tree = DraftTree.single(root)
                 if session is not None and state.length + self._budget() < runner.max_length:
+                    began = time.perf_counter()
                     try:
                         tree = session.propose()
                     except DrafterUnavailable:
                         session, retry_at = None, round_no + self.retry_rounds
                         stats.drafter_failures += 1
+                    stats.draft_seconds += time.perf_counter() - began
                 if session is None and self.drafter is not None:
                     stats.fallback_rounds += 1
+                began = time.perf_counter()
                 logits, hidden = runner.forward_tree(state, tree)
+                stats.verify_seconds += time.perf_counter() - began
                 stats.target_forwards += 1
                 if self.sampling.greedy:
                     acc = verify_greedy(tree.tokens, tree.parents, logits.argmax(-1).tolist())

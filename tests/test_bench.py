@@ -69,6 +69,9 @@ def test_harness_json_has_the_figures_and_no_greedy_mismatch():
     assert overall["tau"] > 1.0  # the oracle drafter gets accepted
     assert sum(overall["acceptance_histogram"]) == overall["rounds"] == sum(len(s.accepted_per_round) for s in spec)
     assert overall["spec_tokens_per_s"] > 0 and overall["ar_tokens_per_s"] > 0 and overall["speedup"] > 0
+    assert overall["spec_draft_ms_per_round"] > 0 and overall["spec_verify_ms_per_round"] > 0 and overall["ar_forward_ms_per_round"] > 0
+    spec_ms = 1000 * sum(s.seconds for s in spec) / sum(s.target_forwards - 1 for s in spec)
+    assert overall["spec_draft_ms_per_round"] + overall["spec_verify_ms_per_round"] <= spec_ms + 1e-3  # parts of the whole
     assert set(overall["peers"]) == {"hf", "pld"}
     assert all(p["tokens_per_s"] > 0 and p["mismatches_vs_ar"] == 0 for p in overall["peers"].values())
     assert result["machine"]["threads"] == 1 and result["machine"]["torch"] == torch.__version__

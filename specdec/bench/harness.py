@@ -64,6 +64,8 @@ class PathRun:
     accepted_per_round: list[int] = field(default_factory=list)
     draft_tokens: int = 0
     fallback_rounds: int = 0
+    draft_seconds: float = 0.0
+    verify_seconds: float = 0.0
     divergence: Divergence | None = None
 
     @property
@@ -150,7 +152,10 @@ def _paths(runner: TargetRunner, drafter: Drafter, peers: Sequence[Peer], config
             for _ in gen:
                 pass
             s = gen.stats
-            return PathRun(list(gen.token_ids), s.seconds, s.target_forwards, list(s.accepted_per_round), s.draft_tokens, s.fallback_rounds)
+            return PathRun(
+                list(gen.token_ids), s.seconds, s.target_forwards, list(s.accepted_per_round), s.draft_tokens, s.fallback_rounds,
+                s.draft_seconds, s.verify_seconds,
+            )
 
         return run
 

@@ -47,6 +47,8 @@ def _markdown(result: dict) -> str:
         "",
         f"{o['rounds']} speculative rounds, {o['mean_accepted']:.2f} draft tokens accepted per round, "
         f"{o['draft_tokens_per_round']:.1f} drafted per round, {o['fallback_rounds']} rounds without the drafter.",
+        f"Time per round: drafting {o['spec_draft_ms_per_round']:.1f} ms + tree forward {o['spec_verify_ms_per_round']:.1f} ms "
+        f"(speculative), against a plain forward of {o['ar_forward_ms_per_round']:.1f} ms.",
         "",
         _row(["accepted", *range(len(o["acceptance_histogram"]))]),
         _row(["---"] * (1 + len(o["acceptance_histogram"]))),

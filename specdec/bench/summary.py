@@ -64,6 +64,11 @@ def block(records: Sequence[TurnRecord], greedy: bool) -> dict:
         "mean_accepted": _ratio(sum(rounds), len(rounds)),
         "draft_tokens_per_round": _ratio(sum(s.draft_tokens for s in spec), len(rounds)),
         "fallback_rounds": sum(s.fallback_rounds for s in spec),
+        # Where time goes per decode round (every target forward after the prefill): the
+        # drafter's proposal and the tree forward; for the plain path, its one-node forward.
+        "spec_draft_ms_per_round": _ratio(1000 * sum(s.draft_seconds for s in spec), _rounds(spec)),
+        "spec_verify_ms_per_round": _ratio(1000 * sum(s.verify_seconds for s in spec), _rounds(spec)),
+        "ar_forward_ms_per_round": _ratio(1000 * sum(a.verify_seconds for a in ar), _rounds(ar)),
         "acceptance_histogram": [rounds.count(n) for n in range(max(rounds, default=-1) + 1)],
         "accepted_by_depth": [_ratio(sum(a >= d for a in rounds), len(rounds)) for d in range(1, max(rounds, default=0) + 1)],
         "peers": {name: _peer_block([r.runs[name] for r in records], spec_tps, greedy) for name in peers},
@@ -116,6 +121,10 @@ def _peer_block(runs: list[PathRun], spec_tps: float, greedy: bool) -> dict:
 def _tokens_per_s(runs: Sequence[PathRun]) -> float:
     seconds = sum(r.seconds for r in runs)
     return sum(r.new_tokens for r in runs) / seconds if seconds else 0.0
+
+
+def _rounds(runs: Sequence[PathRun]) -> int:
+    return sum(max(r.target_forwards - 1, 0) for r in runs)
 
 
 def _ratio(a: float, b: float) -> float:
