@@ -217,3 +217,15 @@ def test_first_per_category_keeps_file_order(tmp_path):
     questions_file(tmp_path / "q.jsonl")
     questions, _ = read_questions(tmp_path / "q.jsonl")
     assert [q.question_id for q in first_per_category(questions, 1)] == ["1", "2"]
+
+
+def test_select_questions_limits_then_balances_and_refuses_zero(tmp_path, capsys):
+    from specdec.train.data import select_questions
+
+    questions_file(tmp_path / "q.jsonl")
+    questions, report = select_questions(tmp_path / "q.jsonl", per_category=1)
+    assert [q.question_id for q in questions] == ["1", "2"] and len(report.skipped) == 1
+    assert "skipped 1 malformed line" in capsys.readouterr().err
+    assert [q.question_id for q in select_questions(tmp_path / "q.jsonl", limit=1, per_category=5)[0]] == ["1"]
+    with pytest.raises(ConfigError, match="per-category"):
+        select_questions(tmp_path / "q.jsonl", per_category=0)

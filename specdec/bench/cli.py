@@ -47,20 +47,15 @@ def run_bench_command(args: argparse.Namespace) -> int:
     from specdec.bench.report import markdown_table, write_report
     from specdec.bench.summary import machine_info, summarize
     from specdec.drafter import load_head_drafter
-    from specdec.train.data import first_per_category, read_questions
+    from specdec.train.data import select_questions
 
     if args.limit is not None and args.limit < 1:
         raise ConfigError(f"--limit must be >= 1, got {args.limit}")
-    if args.per_category is not None and args.per_category < 1:
-        raise ConfigError(f"--per-category must be >= 1, got {args.per_category}")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.temperature < 0:
         raise ConfigError(f"--temperature must be >= 0, got {args.temperature}")
-    questions, read = read_questions(args.questions, args.limit)
-    read.warn(args.questions)
-    if args.per_category is not None:
-        questions = first_per_category(questions, args.per_category)
+    questions, _ = select_questions(args.questions, args.limit, args.per_category)
     if not questions:
         raise ConfigError(f"no valid questions in {args.questions}")
     config = BenchConfig(args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie)

@@ -187,13 +187,10 @@ def _evaluate(sub) -> None:
     def run(args: argparse.Namespace) -> int:
         from specdec.cli import tree_from_args
         from specdec.drafter import load_head_drafter
-        from specdec.train.data import first_per_category, read_questions
+        from specdec.train.data import select_questions
         from specdec.train.evaluate import evaluate
 
-        questions, report = read_questions(args.questions, args.limit)
-        report.warn(args.questions)
-        if args.per_category is not None:
-            questions = first_per_category(questions, args.per_category)
+        questions, report = select_questions(args.questions, args.limit, args.per_category)
         runner = _runner(args)
         drafter = load_head_drafter(runner, args.head, tree_from_args(args))
         progress = f"{args.json}.progress.jsonl" if args.json else None

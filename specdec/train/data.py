@@ -99,3 +99,15 @@ def first_per_category(questions: list[Question], n: int) -> list[Question]:
         if seen[q.category] <= n:
             out.append(q)
     return out
+
+
+def select_questions(path: str | Path, limit: int | None = None, per_category: int | None = None) -> tuple[list[Question], ReadReport]:
+    """The questions a run uses: the first `limit` valid ones of the file, then the first
+    `per_category` of each category; reports skipped lines on stderr."""
+    if per_category is not None and per_category < 1:
+        raise ConfigError(f"--per-category must be >= 1, got {per_category}")
+    questions, report = read_questions(path, limit)
+    report.warn(path)
+    if per_category is not None:
+        questions = first_per_category(questions, per_category)
+    return questions, report
