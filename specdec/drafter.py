@@ -21,7 +21,7 @@ from typing import Sequence
 import torch
 
 from specdec.config import ConfigError, TreeConfig
-from specdec.head import DraftHead, HeadCache, HeadConfig
+from specdec.head import CONFIG_FILE, DraftHead, HeadCache, HeadConfig
 from specdec.target import TargetRunner
 from specdec.tree import DraftTree, select_nodes, subtree
 
@@ -182,7 +182,7 @@ def default_head_dir() -> Path:
 
 
 def _default_head_for(runner: TargetRunner) -> str:
-    config = default_head_dir() / "config.json"
+    config = default_head_dir() / CONFIG_FILE
     if config.is_file() and json.loads(config.read_text()).get("target") == runner.name:
         return str(default_head_dir())
     log.warning("no trained draft head for target %s: using a random head (lossless, but slow); pass --head", runner.name)

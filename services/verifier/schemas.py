@@ -56,7 +56,8 @@ class CompletionRequest(SamplingFields):
     @field_validator("echo", "best_of")
     @classmethod
     def _unsupported(cls, value: bool | int | None, info: ValidationInfo) -> bool | int | None:
-        if value not in (None, False, 1) or (info.field_name == "echo" and value):
+        neutral = value in (None, 1) if info.field_name == "best_of" else not value
+        if not neutral:
             raise ValueError(f"{info.field_name} is not supported by this server")
         return value
 
