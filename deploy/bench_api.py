@@ -55,11 +55,13 @@ def wait_ready(base: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            if httpx.get(base + "/ready", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            if time.monotonic() > deadline:
-                raise
+            status = httpx.get(base + "/ready", timeout=5).status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        if status == 200:
+            return
+        if time.monotonic() > deadline:
+            raise SystemExit(f"{base}/ready did not answer 200 within {timeout:.0f} s (last: {status})")
         time.sleep(0.5)
 
 
