@@ -3,12 +3,12 @@ defaults, parsed once at start (never at import)."""
 
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
-from pydantic import Field, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.settings import parse_or_exit
 from specdec.config import TreeConfig
 
 _TREE = TreeConfig()
@@ -40,8 +40,4 @@ class DrafterSettings(BaseSettings):
 
 def parse_settings(argv: list[str] | None) -> DrafterSettings:
     """Flags from argv (None: sys.argv), then the environment, then defaults; exit 2 when invalid."""
-    try:
-        return CliApp.run(DrafterSettings, cli_args=argv)
-    except ValidationError as exc:
-        print(f"python -m services.drafter: invalid settings: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    return parse_or_exit(DrafterSettings, argv, "python -m services.drafter")

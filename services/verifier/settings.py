@@ -3,12 +3,12 @@ defaults, parsed once at start (never at import)."""
 
 from __future__ import annotations
 
-import sys
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
-from pydantic_settings import BaseSettings, CliApp, SettingsConfigDict
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from services.settings import parse_or_exit
 from specdec.config import TreeConfig
 
 _TREE = TreeConfig()
@@ -60,8 +60,4 @@ class VerifierSettings(BaseSettings):
 
 def parse_settings(argv: list[str] | None) -> VerifierSettings:
     """Flags from argv (None: sys.argv), then the environment, then defaults; exit 2 when invalid."""
-    try:
-        return CliApp.run(VerifierSettings, cli_args=argv)
-    except ValidationError as exc:
-        print(f"python -m services.verifier: invalid settings: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+    return parse_or_exit(VerifierSettings, argv, "python -m services.verifier")
