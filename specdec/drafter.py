@@ -62,10 +62,10 @@ class Drafter(ABC):
 
 
 class HeadDrafter(Drafter):
-    """Drafts with a `DraftHead` in this process."""
+    """Drafts with a `DraftHead` in this process (packing its weights for inference)."""
 
     def __init__(self, head: DraftHead, tree: TreeConfig):
-        self.head = head.eval().requires_grad_(False)
+        self.head = head.eval().requires_grad_(False).pack_for_inference()
         self.tree = tree
 
     @property

@@ -30,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specdec.config import ConfigError
+from specdec.packed import PackedLinear, pack_linears
 
 WEIGHTS_FILE = "head.safetensors"
 CONFIG_FILE = "config.json"
@@ -187,6 +188,8 @@ class DraftHead(nn.Module):
         self.mlp = _GatedMLP(d, cfg.intermediate_size, width)
         self.register_buffer("d2t", torch.arange(cfg.draft_vocab_size), persistent=True)
         self.register_buffer("draft_lm_head", torch.empty(0), persistent=False)
+        # Set by `pack_for_inference`; in a list so that it is not a submodule (never saved).
+        self._packed_lm_head: list[PackedLinear] = []
         self._refresh_lm_head()
         self.reset_parameters()
 
@@ -210,6 +213,16 @@ class DraftHead(nn.Module):
         if self.cfg.draft_vocab_size != self.cfg.vocab_size:
             full = full.index_select(0, self.d2t.to(full.device))
         self.draft_lm_head = full.to(self.fc.weight.device, self.fc.weight.dtype).contiguous()
+        if self._packed_lm_head:
+            self._packed_lm_head = [PackedLinear(self.draft_lm_head)]
+
+    def pack_for_inference(self) -> "DraftHead":
+        """Run every linear layer and the draft LM head on oneDNN-packed weights where that
+        applies (`specdec.packed`: float32 on CPU). Inference only: packed layers have no
+        gradient. Saving still works."""
+        pack_linears(self)
+        self._packed_lm_head = [PackedLinear(self.draft_lm_head)]
+        return self
 
     def forward(
         self,
@@ -239,6 +252,8 @@ class DraftHead(nn.Module):
 
     def logits(self, logit_hidden: torch.Tensor) -> torch.Tensor:
         """Draft-vocabulary logits [..., draft_vocab]; map indices to target ids with `d2t`."""
+        if self._packed_lm_head:
+            return self._packed_lm_head[0](logit_hidden)
         return logit_hidden @ self.draft_lm_head.to(logit_hidden.dtype).T
 
     def save(self, directory: str | Path, dtype: torch.dtype = torch.float16) -> None:

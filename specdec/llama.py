@@ -4,9 +4,10 @@ Why not call the transformers module: on a 2-core CPU a one-token step of a 135M
 dominated by per-operation overhead (mask building, cache bookkeeping, dozens of small ops per
 layer), not by reading the weights. This forward does the same math with fewer operations:
 query/key/value and gate/up projections fused into one matrix each (the transformers module's
-weights become views into the fused matrices, so no memory is duplicated), rotary tables
-computed once, one growable KV tensor per sequence for all layers, and an accepted-path commit
-that is a single gather over that tensor. Results match transformers' forward to float
+weights become views into the fused matrices), rotary tables
+computed once, one growable KV tensor per sequence for all layers, an accepted-path commit
+that is a single gather over that tensor, and every projection and the LM head run on
+oneDNN-packed weights on CPU (`specdec.packed`). Results match transformers' forward to float
 rounding (tested).
 """
 
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.config import ConfigError
+from specdec.packed import PackedLinear
 
 
 class KVCache:
@@ -46,8 +48,28 @@ class KVCache:
         self.data[:, :, :, start : start + rows.numel()] = self.data.index_select(3, rows)
 
 
+class _Layer:
+    """One decoder layer's norms and projections, q/k/v and gate/up fused."""
+
+    def __init__(self, layer: nn.Module):
+        attn, mlp = layer.self_attn, layer.mlp
+        if getattr(mlp, "gate_proj", None) is None or getattr(mlp.gate_proj, "bias", None) is not None:
+            raise ConfigError("unsupported MLP: a Llama-family gated MLP without biases is expected")
+        qkv = [attn.q_proj, attn.k_proj, attn.v_proj]
+        biases = [p.bias for p in qkv]
+        bias = None
+        if any(b is not None for b in biases):
+            bias = torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, qkv)])
+        self.input_norm = layer.input_layernorm
+        self.post_norm = layer.post_attention_layernorm
+        self.qkv = PackedLinear(_fuse(qkv), bias)
+        self.o = PackedLinear(attn.o_proj.weight)
+        self.gate_up = PackedLinear(_fuse([mlp.gate_proj, mlp.up_proj]))
+        self.down = PackedLinear(mlp.down_proj.weight)
+
+
 class LeanLlama(nn.Module):
-    """Forward of a transformers Llama-family causal LM (decoder stack + final norm)."""
+    """Forward of a transformers Llama-family causal LM (decoder stack, final norm, LM head)."""
 
     def __init__(self, model: nn.Module):
         super().__init__()
@@ -58,7 +80,8 @@ class LeanLlama(nn.Module):
         body = model.model
         self.embed = body.embed_tokens
         self.norm = body.norm
-        self.layers = [_fuse_layer(layer) for layer in body.layers]
+        self.layers = [_Layer(layer) for layer in body.layers]
+        self.lm_head = PackedLinear(model.get_output_embeddings().weight)
         attn = body.layers[0].self_attn
         self.heads = cfg.num_attention_heads
         self.kv_heads = cfg.num_key_value_heads
@@ -93,8 +116,7 @@ class LeanLlama(nn.Module):
         x = self.embed(ids)
         kv = cache.data
         for i, layer in enumerate(self.layers):
-            h = layer.input_layernorm(x)
-            qkv = _linear(h, layer.qkv_weight, layer.qkv_bias).view(n, hq + 2 * hk, hd)
+            qkv = layer.qkv(layer.input_norm(x)).view(n, hq + 2 * hk, hd)
             q, k, v = qkv.split([hq, hk, hk], dim=1)
             q = q * cos + _rotate_half(q) * sin
             k = k * cos + _rotate_half(k) * sin
@@ -109,18 +131,10 @@ class LeanLlama(nn.Module):
                 scale=self.scale,
                 enable_gqa=hq != hk,
             )
-            x = x + _linear(out[0].transpose(0, 1).reshape(n, hq * hd), layer.self_attn.o_proj.weight)
-            h = layer.post_attention_layernorm(x)
-            gate, up = _linear(h, layer.gate_up_weight).chunk(2, dim=-1)
-            x = x + _linear(F.silu(gate) * up, layer.mlp.down_proj.weight)
+            x = x + layer.o(out[0].transpose(0, 1).reshape(n, hq * hd))
+            gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
+            x = x + layer.down(F.silu(gate) * up)
         return self.norm(x)
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x @ weight.T computed as (weight @ x.T).T: for the few rows of a token tree, this operand
-    order takes a faster BLAS path on CPU (measured: 4-32 rows, 25-40% less time per matmul)."""
-    out = torch.mm(weight, x.T).T if x.shape[0] > 1 else F.linear(x, weight)
-    return out if bias is None else out + bias
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -128,30 +142,10 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-b, a), dim=-1)
 
 
-def _fuse_layer(layer: nn.Module) -> nn.Module:
-    """Concatenate q/k/v and gate/up weights; the original Linear weights become views of the
-    fused tensors, so transformers' own forward keeps working on the same memory."""
-    attn, mlp = layer.self_attn, layer.mlp
-    if getattr(mlp, "gate_proj", None) is None or getattr(mlp.gate_proj, "bias", None) is not None:
-        raise ConfigError("unsupported MLP: a Llama-family gated MLP without biases is expected")
-    projections = [attn.q_proj, attn.k_proj, attn.v_proj]
-    layer.qkv_weight = _fuse([p.weight for p in projections])
-    for p, view in zip(projections, _views(layer.qkv_weight, projections)):
+def _fuse(linears: list[nn.Linear]) -> torch.Tensor:
+    """Concatenate the weights; the original Linear weights become views of the fused tensor,
+    so transformers' own forward keeps working on the same memory."""
+    fused = torch.cat([p.weight.detach() for p in linears], dim=0)
+    for p, view in zip(linears, fused.split([p.out_features for p in linears], dim=0)):
         p.weight = nn.Parameter(view, requires_grad=False)
-    biases = [p.bias for p in projections]
-    layer.qkv_bias = None
-    if any(b is not None for b in biases):
-        layer.qkv_bias = torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, projections)])
-    ffn = [mlp.gate_proj, mlp.up_proj]
-    layer.gate_up_weight = _fuse([p.weight for p in ffn])
-    for p, view in zip(ffn, _views(layer.gate_up_weight, ffn)):
-        p.weight = nn.Parameter(view, requires_grad=False)
-    return layer
-
-
-def _fuse(weights: list[torch.Tensor]) -> torch.Tensor:
-    return torch.cat([w.detach() for w in weights], dim=0)
-
-
-def _views(fused: torch.Tensor, linears: list[nn.Linear]) -> list[torch.Tensor]:
-    return list(fused.split([p.out_features for p in linears], dim=0))
+    return fused

@@ -157,7 +157,7 @@ class TargetRunner:
         state.cache.reserve(len(ids) + 64)
         hidden = self.lean(ids, torch.arange(len(ids), device=self.device), state.cache, 0, None)
         state.length = len(ids)
-        return hidden, self.lm_head(hidden[-1])
+        return hidden, self.lean.lm_head(hidden[-1])
 
     @torch.inference_mode()
     def forward_tree(self, state: SequenceState, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
@@ -174,7 +174,7 @@ class TargetRunner:
         mask = None if n == 1 else tree_attention_mask(tree.parents, past, self.device)
         hidden = self.lean(ids, positions, state.cache, past, mask)
         state.pending = n
-        return self.lm_head(hidden), hidden
+        return self.lean.lm_head(hidden), hidden
 
     @torch.inference_mode()
     def commit(self, state: SequenceState, path: Sequence[int]) -> None:
