@@ -89,7 +89,8 @@ class HeadConfig:
 
 
 class HeadCache:
-    """The head's own KV cache for one sequence: [kv_heads, length, head_dim] tensors."""
+    """The head's own KV cache: [..., kv_heads, length, head_dim] tensors (one sequence when
+    drafting, a batch when training with unrolled steps)."""
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
@@ -97,16 +98,16 @@ class HeadCache:
 
     @property
     def length(self) -> int:
-        return 0 if self.keys is None else self.keys.shape[1]
+        return 0 if self.keys is None else self.keys.shape[-2]
 
     def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=1)
-        self.values = v if self.values is None else torch.cat([self.values, v], dim=1)
+        self.keys = k if self.keys is None else torch.cat([self.keys, k], dim=-2)
+        self.values = v if self.values is None else torch.cat([self.values, v], dim=-2)
         return self.keys, self.values
 
     def truncate(self, length: int) -> None:
         if self.keys is not None:
-            self.keys, self.values = self.keys[:, :length], self.values[:, :length]
+            self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -136,7 +137,7 @@ class _Attention(nn.Module):
         self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: HeadCache | None
     ) -> torch.Tensor:
         """x: [..., T, d]; positions [..., T]; mask bool [T, S] (True = may attend) or None
-        (causal). With a cache, x is one sequence ([T, d]) and S = cached + T."""
+        (causal). With a cache, S = cached + T."""
         *lead, t, _ = x.shape
         q = self.q_proj(x).view(*lead, t, self.heads, self.head_dim).transpose(-2, -3)
         k = self.k_proj(x).view(*lead, t, self.kv_heads, self.head_dim).transpose(-2, -3)

@@ -137,6 +137,12 @@ def _fit(sub) -> None:
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps, help="linear warm-up steps")
     p.add_argument("--noise", type=float, default=d.noise, help="half-width of the uniform noise on input features")
     p.add_argument("--seed", type=int, default=d.seed, help="seed of init, batch order and noise")
+    p.add_argument(
+        "--unroll",
+        type=int,
+        default=d.unroll,
+        help="training-time test steps: the head also learns from its own predicted features for K-1 more steps (1 = off)",
+    )
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     _model_args(p)
 
@@ -147,6 +153,8 @@ def _fit(sub) -> None:
 
         if args.variant == "eagle2" and (args.no_feature_sampling or args.no_partial_alignment):
             raise ConfigError("the ablation switches apply to --variant fspad")
+        if args.unroll < 1:
+            raise ConfigError(f"--unroll must be at least 1, got {args.unroll}")
         runner = _runner(args)
         sequences = _load_caches(runner, args.cache)
         d2t = load_vocab(args.vocab or Path(args.cache[0]) / VOCAB_FILE, target_fingerprint(runner), runner.vocab_size)
@@ -161,6 +169,7 @@ def _fit(sub) -> None:
             warmup_steps=args.warmup_steps,
             noise=args.noise,
             seed=args.seed,
+            unroll=args.unroll,
             data=",".join(str(Path(c).resolve()) for c in args.cache),
         )
         result = fit(runner, sequences, d2t, cfg, args.out, args.checkpoint_every)

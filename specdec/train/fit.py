@@ -14,6 +14,10 @@ Our choices, not the paper's:
   the head can only ever propose those tokens, and the full 49k softmax would cost as much
   as the head itself on this CPU.
 - losses are taken only where the input token t_{i+1} belongs to an assistant reply.
+- `unroll` > 1 adds training-time test (the idea of HASS and EAGLE-3, not in FSPAD): step k
+  feeds the head its own predicted features of step k-1, attending exactly as a depth-k draft
+  does (true-feature keys up to its root, then its own earlier steps' keys), and every step
+  has the same targets; the steps' losses are averaged with equal weights (our choice).
 
 Resuming from a checkpoint reproduces an uninterrupted run exactly: the batch order is a pure
 function of (seed, epoch) and the noise of (seed, step); the lr is a pure function of the step.
@@ -32,7 +36,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from specdec.config import ConfigError
-from specdec.head import DraftHead, HeadConfig
+from specdec.head import DraftHead, HeadCache, HeadConfig
 from specdec.target import TargetRunner
 from specdec.train.cache import Sequence
 
@@ -56,6 +60,7 @@ class FitConfig:
     logit_weight: float = 0.1
     noise: float = 0.1
     clip: float = 0.5
+    unroll: int = 1
     seed: int = 0
     data: str = ""
 
@@ -99,8 +104,37 @@ def _pad(sequences: list[Sequence], device: torch.device) -> tuple[torch.Tensor,
     return ids.to(device), feats.to(device), mask.to(device), valid.to(device)
 
 
+def unroll_mask(length: int, step: int, device: torch.device | None = None) -> torch.Tensor:
+    """Attention mask [T, step*T] of unrolled step `step` over the keys of steps 1..step.
+
+    Row j of step k stands for a depth-k draft whose root is position j-k+1: it sees the
+    step-1 (true-feature) keys up to that root and, of each step m in 2..k, the key at
+    position j-(k-m), its ancestor at depth m (m = k is itself)."""
+    rows = torch.arange(length, device=device)[:, None]
+    cols = torch.arange(length, device=device)[None]
+    blocks = [cols <= rows - (step - 1)] + [cols == rows - (step - m) for m in range(2, step + 1)]
+    return torch.cat(blocks, dim=1)
+
+
+def unrolled_forward(
+    head: DraftHead, features: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, steps: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(logit hidden, predicted feature) [..., T, d] of each step 1..steps. Step 1 is plain
+    teacher forcing; step k's input at row j is step k-1's prediction at row j-1 (row 0, which
+    has none, keeps its true feature; its chain is incomplete, so its loss must be masked)."""
+    cache = HeadCache() if steps > 1 else None
+    outputs = [head(features, next_tokens, positions, None, cache)]
+    for step in range(2, steps + 1):
+        previous = outputs[-1][1]
+        inputs = torch.cat([features[..., :1, :], previous[..., :-1, :]], dim=-2)
+        mask = unroll_mask(features.shape[-2], step, features.device)
+        outputs.append(head(inputs, next_tokens, positions, mask, cache))
+    return outputs
+
+
 def losses(head: DraftHead, batch: list[Sequence], cfg: FitConfig, step: int) -> dict[str, torch.Tensor]:
-    """Feature loss, logit loss, their weighted sum and draft top-1 accuracy on one batch."""
+    """Feature loss, logit loss, their weighted sum and draft top-1 accuracy on one batch
+    (averaged over unrolled steps; `acc` is step 1's, `accK` step K's)."""
     device = head.fc.weight.device
     ids, feats, mask, valid = _pad(batch, device)
     inputs, targets = feats[:, :-1], feats[:, 1:]
@@ -108,18 +142,23 @@ def losses(head: DraftHead, batch: list[Sequence], cfg: FitConfig, step: int) ->
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
         inputs = inputs + (torch.rand(inputs.shape, generator=gen) * 2 - 1).to(device) * cfg.noise
     positions = torch.arange(inputs.shape[1], device=device).expand(inputs.shape[0], -1)
-    logit_hidden, predicted = head(inputs, ids[:, 1:], positions)
     # Right padding never leaks into real positions: attention is causal.
     keep = mask[:, 1:] & valid[:, 1:]
     target = targets[keep]
-    feature_loss = F.smooth_l1_loss(predicted[keep], target, reduction="none").mean(-1).mean()
     with torch.no_grad():
         target_probs = torch.softmax(head.logits(target), -1)
-    draft_logp = torch.log_softmax(head.logits(logit_hidden[keep]), -1)
-    logit_loss = -(target_probs * draft_logp).sum(-1).mean()
-    accuracy = (draft_logp.argmax(-1) == target_probs.argmax(-1)).float().mean()
+    parts: dict[str, torch.Tensor] = {}
+    feature_losses, logit_losses = [], []
+    for k, (logit_hidden, predicted) in enumerate(unrolled_forward(head, inputs, ids[:, 1:], positions, cfg.unroll), 1):
+        rows = (positions >= k - 1)[keep]  # among the kept rows, those with a complete chain
+        feature_losses.append(F.smooth_l1_loss(predicted[keep][rows], target[rows], reduction="none").mean(-1).mean())
+        draft_logp = torch.log_softmax(head.logits(logit_hidden[keep][rows]), -1)
+        logit_losses.append(-(target_probs[rows] * draft_logp).sum(-1).mean())
+        parts["acc" if k == 1 else f"acc{k}"] = (draft_logp.argmax(-1) == target_probs[rows].argmax(-1)).float().mean()
+    feature_loss = torch.stack(feature_losses).mean()
+    logit_loss = torch.stack(logit_losses).mean()
     total = cfg.feature_weight * feature_loss + cfg.logit_weight * logit_loss
-    return {"loss": total, "feature": feature_loss, "logit": logit_loss, "acc": accuracy}
+    return {"loss": total, "feature": feature_loss, "logit": logit_loss, **parts}
 
 
 def new_head(runner: TargetRunner, cfg: FitConfig, d2t: torch.Tensor) -> DraftHead:
@@ -177,8 +216,9 @@ def _resume(out: Path, head: DraftHead, opt: torch.optim.Optimizer, cfg: FitConf
     if not path.is_file():
         return 0
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state["fit"] != asdict(cfg):
-        changed = {k: (v, asdict(cfg)[k]) for k, v in state["fit"].items() if asdict(cfg).get(k) != v}
+    saved = {**asdict(FitConfig()), **state["fit"]}  # a setting added later keeps its default
+    if saved != asdict(cfg):
+        changed = {k: (v, asdict(cfg)[k]) for k, v in saved.items() if asdict(cfg)[k] != v}
         raise ConfigError(f"checkpoint {path} belongs to another run (setting: (checkpoint, now)) {changed}; use another --out")
     if state["head_config"] != asdict(head.cfg):
         raise ConfigError(f"checkpoint {path} holds a head for another target or vocabulary: {state['head_config']}")
