@@ -102,7 +102,8 @@ def run_generate(args: argparse.Namespace) -> int:
 
 from specdec.train.cli import train_parser  # noqa: E402 (a light module; its imports are lazy)
 from specdec.bench.cli import bench_parser  # noqa: E402 (its imports are lazy too)
-COMMANDS = [_generate_parser, train_parser, bench_parser]
+from specdec.bench.costs import costs_parser  # noqa: E402
+COMMANDS = [_generate_parser, train_parser, bench_parser, costs_parser]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
