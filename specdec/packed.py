@@ -1,11 +1,10 @@
 """Frozen-weight linear layers for CPU inference, run by oneDNN on a weight packed once at load.
 
 Why: PyTorch's default CPU matmul (MKL sgemm) repacks the weight on every call and, for the
-1-32 rows of a token tree, takes a slow path on this project's AMD CPU. oneDNN with the weight
+2-32 rows of a token tree, takes a slow path on this project's AMD CPU. oneDNN with the weight
 reordered into its blocked layout once runs the same products 2-3x faster (measured with 2
-threads on 1-32 rows: a 3072x576 projection 0.74 -> 0.33 ms at 8 rows, the 49k-row LM head
-32.6 -> 12.4 ms at 8 rows and 13.2 -> 8.0 ms at one row). A row's result does not depend on how
-many rows are multiplied with it, so a token gets the same logits verified alone or in a tree.
+threads on 2-32 rows: a 3072x576 projection 0.74 -> 0.33 ms at 8 rows, the 49k-row LM head
+32.6 -> 12.4 ms at 8 rows). A single row keeps MKL's matrix-vector product, which is as fast.
 
 Only float32 weights on CPU are packed; anything else (CUDA, half precision) and
 `SPECDEC_ONEDNN=0` use `F.linear`. Packed layers have no gradient: inference only. The packed
@@ -51,7 +50,9 @@ class PackedLinear(nn.Module):
         return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.packed is None:
+        if self.packed is None or x.numel() == x.shape[-1]:
+            # One row: MKL's matrix-vector product is as fast or faster (measured at one thread:
+            # a full one-token forward 81 vs 96 ms), so plain decoding keeps its fastest path.
             return F.linear(x, self.weight, self.bias)
         return torch.ops.mkldnn._linear_pointwise(x, self.packed, self.bias, "none", [], "")
 
