@@ -104,7 +104,13 @@ def stream_completion(base: str, on_first_text=None) -> tuple[str, dict]:
 
 
 def test_ready_reports_the_remote_drafter(stack: Stack) -> None:
-    body = httpx.get(stack.base + "/ready", timeout=10).json()
+    """/ready probes the drafter with a 1 s deadline; on a loaded machine the first probe (which
+    also opens the connection) can miss it, so a few probes are allowed, as a kubelet would."""
+    for _ in range(5):
+        body = httpx.get(stack.base + "/ready", timeout=10).json()
+        if body["drafter"] == "remote-ok":
+            break
+        time.sleep(1)
     assert body["status"] == "ready" and body["drafter"] == "remote-ok"
 
 
