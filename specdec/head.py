@@ -220,9 +220,10 @@ class DraftHead(nn.Module):
     def pack_for_inference(self) -> "DraftHead":
         """Run every linear layer and the draft LM head on oneDNN-packed weights where that
         applies (`specdec.packed`: float32 on CPU). Inference only: packed layers have no
-        gradient. Saving still works."""
-        pack_linears(self)
-        self._packed_lm_head = [PackedLinear(self.draft_lm_head)]
+        gradient. Saving still works. Packing a packed head does nothing."""
+        if not self._packed_lm_head:
+            pack_linears(self)
+            self._packed_lm_head = [PackedLinear(self.draft_lm_head)]
         return self
 
     def forward(

@@ -4,11 +4,10 @@ Why not call the transformers module: on a 2-core CPU a one-token step of a 135M
 dominated by per-operation overhead (mask building, cache bookkeeping, dozens of small ops per
 layer), not by reading the weights. This forward does the same math with fewer operations:
 query/key/value and gate/up projections fused into one matrix each (the transformers module's
-weights become views into the fused matrices), rotary tables
-computed once, one growable KV tensor per sequence for all layers, an accepted-path commit
-that is a single gather over that tensor, and every projection and the LM head run on
-oneDNN-packed weights on CPU (`specdec.packed`). Results match transformers' forward to float
-rounding (tested).
+weights become views into the fused matrices), rotary tables computed once, one growable KV
+tensor per sequence for all layers, an accepted-path commit that is a single gather over that
+tensor, and every projection and the LM head run on oneDNN-packed weights on CPU
+(`specdec.packed`). Results match transformers' forward to float rounding (tested).
 """
 
 from __future__ import annotations

@@ -55,6 +55,8 @@ def test_packed_head_gives_the_same_outputs_and_saves_the_same(tmp_path):
     head.save(tmp_path / "plain")
     head.pack_for_inference()
     assert not any(isinstance(m, nn.Linear) for m in head.modules())
+    packed_lm_head = head._packed_lm_head[0]
+    assert head.pack_for_inference()._packed_lm_head[0] is packed_lm_head  # packing twice repacks nothing
     with torch.inference_mode():
         packed_hidden, packed_feature = head(feats, toks, torch.arange(6))
         torch.testing.assert_close(packed_hidden, hidden, atol=1e-5, rtol=1e-5)
