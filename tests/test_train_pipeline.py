@@ -132,6 +132,30 @@ def test_resume_equals_uninterrupted_run(pipeline, tmp_path):
         assert torch.equal(value, resumed["head"][name]), name
 
 
+def test_init_head_starts_from_the_saved_head_and_refuses_another_shape(pipeline, tmp_path):
+    from dataclasses import replace
+
+    from specdec.train.fit import new_head
+
+    runner, sequences, d2t, cfg = pipeline["runner"], pipeline["sequences"], pipeline["d2t"], pipeline["cfg"]
+    saved = pipeline["tmp"] / "run" / "head"
+    warm_cfg = replace(cfg, steps=5, init=str(saved))
+    start = new_head(runner, warm_cfg, d2t).state_dict()
+    trained = torch.load(pipeline["tmp"] / "run" / "checkpoint.pt", weights_only=False)["head"]
+    for name, value in trained.items():
+        expected = value.half().float() if value.is_floating_point() else value  # heads are saved in float16
+        assert torch.equal(start[name], expected), name
+    warm = fit(runner, sequences, d2t, warm_cfg, tmp_path / "warm", progress=False)
+    cold = fit(runner, sequences, d2t, replace(cfg, steps=5), tmp_path / "cold", progress=False)
+    assert warm["finished"] and warm["loss"] < 0.7 * cold["loss"]
+    with pytest.raises(ConfigError, match="differs"):
+        new_head(runner, replace(warm_cfg, variant="eagle2", feature_sampling=False, partial_alignment=False), d2t)
+    unused = next(t for t in range(VOCAB) if t not in d2t.tolist())
+    other_vocab = torch.cat([d2t[1:], torch.tensor([unused])]).sort().values
+    with pytest.raises(ConfigError, match="draft vocabulary"):
+        new_head(runner, warm_cfg, other_vocab)
+
+
 def test_checkpoint_of_another_run_is_refused(pipeline):
     from dataclasses import replace
 

@@ -143,6 +143,11 @@ def _fit(sub) -> None:
         default=d.unroll,
         help="training-time test steps: the head also learns from its own predicted features for K-1 more steps (1 = off)",
     )
+    p.add_argument(
+        "--init-head",
+        default="",
+        help="start from this saved head (same variant and --vocab) instead of a random one, e.g. to train it on new data",
+    )
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     _model_args(p)
 
@@ -171,6 +176,7 @@ def _fit(sub) -> None:
             seed=args.seed,
             unroll=args.unroll,
             data=",".join(str(Path(c).resolve()) for c in args.cache),
+            init=str(Path(args.init_head).resolve()) if args.init_head else "",
         )
         result = fit(runner, sequences, d2t, cfg, args.out, args.checkpoint_every)
         return _print({**result, "epochs": round(epochs(cfg, sequences), 2), "head": str(Path(args.out) / "head")})

@@ -18,6 +18,8 @@ Our choices, not the paper's:
   feeds the head its own predicted features of step k-1, attending exactly as a depth-k draft
   does (true-feature keys up to its root, then its own earlier steps' keys), and every step
   has the same targets; the steps' losses are averaged with equal weights (our choice).
+- `init` warm-starts from a saved head of the same shape and draft vocabulary (to train an
+  existing head further on new data with a fresh schedule); the paper trains from scratch.
 
 Resuming from a checkpoint reproduces an uninterrupted run exactly: the batch order is a pure
 function of (seed, epoch) and the noise of (seed, step); the lr is a pure function of the step.
@@ -63,6 +65,7 @@ class FitConfig:
     unroll: int = 1
     seed: int = 0
     data: str = ""
+    init: str = ""
 
     def lr_at(self, step: int) -> float:
         """Linear warm-up to `lr`, then linear decay to 0 at `steps`."""
@@ -173,7 +176,20 @@ def new_head(runner: TargetRunner, cfg: FitConfig, d2t: torch.Tensor) -> DraftHe
     torch.manual_seed(cfg.seed)
     head = DraftHead(hcfg, runner.embed_tokens, runner.lm_head.weight).to(runner.device)
     head.set_draft_vocab(d2t)
+    if cfg.init:
+        _warm_start(head, Path(cfg.init), runner)
     return head
+
+
+def _warm_start(head: DraftHead, directory: Path, runner: TargetRunner) -> None:
+    """Copy a saved head's weights into `head`; refuses one of another variant or vocabulary."""
+    saved = DraftHead.load(directory, runner.embed_tokens, runner.lm_head.weight, runner.config)
+    if saved.cfg != head.cfg:
+        mismatch = {k: (v, getattr(head.cfg, k)) for k, v in asdict(saved.cfg).items() if getattr(head.cfg, k) != v}
+        raise ConfigError(f"--init-head {directory} differs from this run's head (saved, now): {mismatch}")
+    if not torch.equal(saved.d2t.cpu(), head.d2t.cpu()):
+        raise ConfigError(f"--init-head {directory} was trained with another draft vocabulary than --vocab")
+    head.load_state_dict(saved.state_dict())
 
 
 class _StopFlag:
