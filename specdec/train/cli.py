@@ -146,7 +146,7 @@ def _fit(sub) -> None:
     p.add_argument(
         "--init-head",
         default="",
-        help="start from this saved head (same variant and --vocab) instead of a random one, e.g. to train it on new data",
+        help="start from this saved head (same variant; --vocab may differ) instead of a random one, e.g. to train it on new data",
     )
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
     _model_args(p)

@@ -18,8 +18,9 @@ Our choices, not the paper's:
   feeds the head its own predicted features of step k-1, attending exactly as a depth-k draft
   does (true-feature keys up to its root, then its own earlier steps' keys), and every step
   has the same targets; the steps' losses are averaged with equal weights (our choice).
-- `init` warm-starts from a saved head of the same shape and draft vocabulary (to train an
-  existing head further on new data with a fresh schedule); the paper trains from scratch.
+- `init` warm-starts from a saved head of the same variant and shape (to train an existing
+  head further on new data, or with a new draft vocabulary, on a fresh schedule); the paper
+  trains from scratch.
 
 Resuming from a checkpoint reproduces an uninterrupted run exactly: the batch order is a pure
 function of (seed, epoch) and the noise of (seed, step); the lr is a pure function of the step.
@@ -182,14 +183,16 @@ def new_head(runner: TargetRunner, cfg: FitConfig, d2t: torch.Tensor) -> DraftHe
 
 
 def _warm_start(head: DraftHead, directory: Path, runner: TargetRunner) -> None:
-    """Copy a saved head's weights into `head`; refuses one of another variant or vocabulary."""
+    """Copy a saved head's trained weights into `head`; refuses one of another variant or shape.
+    The draft vocabulary may differ: it only selects rows of the target's frozen LM head, so
+    no trained weight depends on it, and `head` keeps the run's own."""
     saved = DraftHead.load(directory, runner.embed_tokens, runner.lm_head.weight, runner.config)
-    if saved.cfg != head.cfg:
-        mismatch = {k: (v, getattr(head.cfg, k)) for k, v in asdict(saved.cfg).items() if getattr(head.cfg, k) != v}
+    ours, theirs = asdict(head.cfg), asdict(saved.cfg)
+    mismatch = {k: (v, ours[k]) for k, v in theirs.items() if k != "draft_vocab_size" and ours[k] != v}
+    if mismatch:
         raise ConfigError(f"--init-head {directory} differs from this run's head (saved, now): {mismatch}")
-    if not torch.equal(saved.d2t.cpu(), head.d2t.cpu()):
-        raise ConfigError(f"--init-head {directory} was trained with another draft vocabulary than --vocab")
-    head.load_state_dict(saved.state_dict())
+    weights = {k: v for k, v in saved.state_dict().items() if k != "d2t"}
+    head.load_state_dict({**head.state_dict(), **weights})
 
 
 class _StopFlag:
