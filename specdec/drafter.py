@@ -62,10 +62,10 @@ class Drafter(ABC):
 
 
 class HeadDrafter(Drafter):
-    """Drafts with a `DraftHead` in this process (packing its weights for inference)."""
+    """Drafts with a `DraftHead` in this process (on packed or Q8_0 weights, see `DraftHead.quantize_for_inference`)."""
 
     def __init__(self, head: DraftHead, tree: TreeConfig):
-        self.head = head.eval().requires_grad_(False).pack_for_inference()
+        self.head = head.eval().requires_grad_(False).quantize_for_inference()
         self.tree = tree
 
     @property

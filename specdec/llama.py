@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from specdec.config import ConfigError
+from specdec.gguf_linear import GGUFLinear, QuantWeight, match_rows
 from specdec.packed import PackedLinear
 
 
@@ -47,10 +48,20 @@ class KVCache:
         self.data[:, :, :, start : start + rows.numel()] = self.data.index_select(3, rows)
 
 
+# transformers' Llama projections and the GGUF tensor names of their weights.
+_GGUF_NAMES = {
+    "qkv": ("self_attn", ("q_proj", "attn_q"), ("k_proj", "attn_k"), ("v_proj", "attn_v")),
+    "o": ("self_attn", ("o_proj", "attn_output")),
+    "gate_up": ("mlp", ("gate_proj", "ffn_gate"), ("up_proj", "ffn_up")),
+    "down": ("mlp", ("down_proj", "ffn_down")),
+}
+
+
 class _Layer:
     """One decoder layer's norms and projections, q/k/v and gate/up fused."""
 
     def __init__(self, layer: nn.Module):
+        self.module = layer
         attn, mlp = layer.self_attn, layer.mlp
         if getattr(mlp, "gate_proj", None) is None or getattr(mlp.gate_proj, "bias", None) is not None:
             raise ConfigError("unsupported MLP: a Llama-family gated MLP without biases is expected")
@@ -91,6 +102,26 @@ class LeanLlama(nn.Module):
         cos, sin = body.rotary_emb(param[:1].float(), positions)
         self.register_buffer("cos", cos[0].to(param.dtype), persistent=False)
         self.register_buffer("sin", sin[0].to(param.dtype), persistent=False)
+
+    def use_gguf(self, model: nn.Module, weights: dict[str, QuantWeight]) -> int:
+        """Run every projection (and the LM head) whose float32 weight equals a GGUF tensor in
+        `weights` on those blocks (`specdec.gguf_linear`); the rest stay float32. Returns how
+        many of the model's linear layers now read quantized blocks."""
+        converted = 0
+        for i, layer in enumerate(self.layers):
+            for attr, (parent, *parts) in _GGUF_NAMES.items():
+                owner = getattr(layer.module, parent)
+                found = [_match(weights.get(f"blk.{i}.{gguf}.weight"), getattr(owner, hf).weight) for hf, gguf in parts]
+                current = getattr(layer, attr)
+                if all(f is not None for f in found) and current.bias is None:
+                    setattr(layer, attr, GGUFLinear(QuantWeight.cat(found), current))
+                    converted += len(found)
+        head = weights.get("output.weight", weights.get("token_embd.weight"))
+        found = _match(head, model.get_output_embeddings().weight)
+        if found is not None:
+            self.lm_head = GGUFLinear(found, self.lm_head)
+            converted += 1
+        return converted
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         param = self.embed.weight
@@ -134,6 +165,10 @@ class LeanLlama(nn.Module):
             gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return self.norm(x)
+
+
+def _match(quant: QuantWeight | None, weight: torch.Tensor) -> QuantWeight | None:
+    return None if quant is None else match_rows(quant, weight)
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,183 @@
+"""The target's linear layers on the GGUF file's own quantized blocks (Q4_1, Q8_0), on CPU.
+
+Why: the default target *is* a 4-bit model (its GGUF stores every projection in Q4_1 and the
+tied embedding/LM head in Q8_0); transformers dequantizes it to float32, and reading those
+540 MB per token bounds plain decoding here. The C++ kernel (`kernels/gguf_matmul.cpp`, AVX2)
+reads the blocks themselves, 4-5x fewer bytes, and decodes each weight exactly as the
+dequantization does (w = d*q + m for Q4_1, w = d*q for Q8_0, float32, one rounding) right
+before multiplying it with float32 activations. The weights are therefore bit-identical to
+the float32 model's and only the summation order differs, as it already does between a tree
+forward and a one-token forward: losslessness is untouched (tests compare both paths).
+
+Each layer checks at load that its decoded blocks equal the float32 weight (finding the row
+order where the GGUF stores rows permuted, as llama.cpp does for q/k) and keeps float32 for
+anything that does not match. Inputs of more than `max_rows` rows (prefill) run on the
+float32 weights, where oneDNN's blocked matmul is faster. The kernel compiles once on first
+use (about a minute, cached by torch under ~/.cache/torch_extensions); without a compiler or
+AVX2 everything stays float32. `SPECDEC_GGUF_KERNELS=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from specdec.packed import PackedLinear
+
+log = logging.getLogger(__name__)
+
+BLOCK = 32
+_KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "gguf_matmul.cpp"
+_BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
+
+
+@dataclass(frozen=True)
+class QuantWeight:
+    """A [N, K] weight in GGUF blocks: qs uint8 [N, K/2] (Q4_1: nibbles, ggml's order) or
+    [N, K] (Q8_0: int8 bits); d and m float32 [N, K/32] (m empty for Q8_0)."""
+
+    qs: torch.Tensor
+    d: torch.Tensor
+    m: torch.Tensor
+    q4: bool
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.qs.shape[0], self.d.shape[1] * BLOCK
+
+    def dequantize(self) -> torch.Tensor:
+        """The float32 weight [N, K], decoded as the kernel decodes it."""
+        n, k = self.shape
+        if self.q4:
+            blocks = self.qs.view(n, k // BLOCK, BLOCK // 2)
+            q = torch.cat([blocks & 0x0F, blocks >> 4], dim=-1).float()
+            return torch.addcmul(self.m[..., None], q, self.d[..., None]).view(n, k)
+        q = self.qs.view(torch.int8).view(n, k // BLOCK, BLOCK).float()
+        return (q * self.d[..., None]).view(n, k)
+
+    def rows(self, index: torch.Tensor) -> "QuantWeight":
+        return QuantWeight(self.qs[index].contiguous(), self.d[index].contiguous(), self.m[index].contiguous() if self.q4 else self.m, self.q4)
+
+    @staticmethod
+    def cat(parts: list["QuantWeight"]) -> "QuantWeight":
+        """Rows of several weights of one kind stacked (a fused projection)."""
+        if len({p.q4 for p in parts}) != 1:
+            raise ValueError("cannot fuse Q4_1 and Q8_0 weights")
+        q4 = parts[0].q4
+        m = torch.cat([p.m for p in parts]) if q4 else parts[0].m
+        return QuantWeight(torch.cat([p.qs for p in parts]), torch.cat([p.d for p in parts]), m, q4)
+
+
+def read_gguf_weights(path: str | Path) -> dict[str, QuantWeight]:
+    """Every Q4_1 and Q8_0 tensor of a GGUF file by its GGUF name (other types are skipped)."""
+    import gguf
+
+    out = {}
+    for t in gguf.GGUFReader(str(path)).tensors:
+        kind = t.tensor_type.name
+        if kind not in _BLOCK_BYTES:
+            continue
+        k, n = (int(v) for v in t.shape[:2])  # GGUF lists the row length first
+        raw = np.asarray(t.data, dtype=np.uint8).reshape(n, k // BLOCK, _BLOCK_BYTES[kind])
+        d = torch.from_numpy(raw[..., :2].copy().view(np.float16)[..., 0]).float()
+        if kind == "Q4_1":
+            m = torch.from_numpy(raw[..., 2:4].copy().view(np.float16)[..., 0]).float()
+            qs = torch.from_numpy(raw[..., 4:].copy()).reshape(n, k // 2)
+            out[t.name] = QuantWeight(qs, d, m, True)
+        else:
+            qs = torch.from_numpy(raw[..., 2:].copy()).reshape(n, k)
+            out[t.name] = QuantWeight(qs, d, torch.empty(0), False)
+    return out
+
+
+def match_rows(quant: QuantWeight, weight: torch.Tensor) -> QuantWeight | None:
+    """`quant` with its rows ordered as `weight`'s when its decoded values equal `weight`
+    exactly (in some row order); None when they do not."""
+    if quant.shape != tuple(weight.shape):
+        return None
+    decoded = quant.dequantize()
+    weight = weight.detach().float().cpu()
+    if torch.equal(decoded, weight):
+        return quant
+    where = {row.numpy().tobytes(): i for i, row in enumerate(decoded)}
+    order = [where.get(row.numpy().tobytes()) for row in weight]
+    if any(i is None for i in order):
+        return None
+    return quant.rows(torch.tensor(order))
+
+
+def kernels_enabled() -> bool:
+    """Whether to try the quantized kernel at all: CPU with AVX2 and not turned off."""
+    return os.environ.get("SPECDEC_GGUF_KERNELS", "1") != "0" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
+
+
+@lru_cache(maxsize=1)
+def load_kernel():
+    """The compiled extension, or None (with a warning) when it cannot be built here."""
+    from torch.utils.cpp_extension import load
+
+    flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
+    try:
+        return load("specdec_gguf_matmul", [str(_KERNEL_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+    except Exception as exc:  # no compiler, no headers, a failed build: stay on float32
+        log.warning("GGUF kernel unavailable, the target runs on float32 weights: %s", exc)
+        return None
+
+
+class GGUFLinear(nn.Module):
+    """y = x @ W.T (+ bias) from GGUF blocks for inputs of at most `max_rows` rows, else
+    `fallback` (the same layer on float32 weights). Inference only; its state dict is the
+    fallback's (`weight`, `bias`), so a model saves as before."""
+
+    def __init__(self, quant: QuantWeight, fallback: nn.Module, max_rows: int = 16):
+        super().__init__()
+        self.kernel = load_kernel()
+        if self.kernel is None:
+            raise RuntimeError("the GGUF kernel is not available")
+        self.quant, self.max_rows = quant, max_rows
+        self._fallback = [fallback]  # in a list: not a submodule, so state dict keys stay put
+        self.register_buffer("weight", fallback.weight)
+        self.register_buffer("bias", getattr(fallback, "bias", None))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if rows > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
+            return self._fallback[0](x)
+        q = self.quant
+        y = self.kernel.gguf_matmul(x.reshape(rows, x.shape[-1]).contiguous(), q.qs, q.d, q.m, q.q4)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.view(*x.shape[:-1], y.shape[-1])
+
+
+def quantize_q8_0(weight: torch.Tensor) -> QuantWeight:
+    """Q8_0 blocks of a float32 weight [N, K] (K a multiple of 32): d = max|w| / 127 rounded to
+    float16, q = round(w / d). Lossy: only for the draft head, whose output is a proposal."""
+    n, k = weight.shape
+    blocks = weight.detach().float().cpu().reshape(n, k // BLOCK, BLOCK)
+    d = (blocks.abs().amax(-1) / 127).half().float()
+    q = torch.where(d[..., None] > 0, blocks / d[..., None], 0.0).round().clamp(-127, 127).to(torch.int8)
+    return QuantWeight(q.view(torch.uint8).reshape(n, k).contiguous(), d, torch.empty(0), False)
+
+
+def quantize_linears(module: nn.Module, max_rows: int = 16) -> int:
+    """Replace every linear layer in `module` (nn.Linear or PackedLinear, float32, in-features a
+    multiple of 32) with a `GGUFLinear` over its Q8_0 blocks; returns how many. Lossy and for
+    inference only: the draft head's layers. Does nothing when the kernel is unavailable."""
+    if not kernels_enabled() or load_kernel() is None:
+        return 0
+    count = 0
+    for name, child in module.named_children():
+        if not isinstance(child, (nn.Linear, PackedLinear)):
+            count += quantize_linears(child, max_rows)
+        elif child.weight.dtype == torch.float32 and child.weight.device.type == "cpu" and child.weight.shape[1] % BLOCK == 0:
+            setattr(module, name, GGUFLinear(quantize_q8_0(child.weight), child, max_rows))
+            count += 1
+    return count

@@ -1,0 +1,141 @@
+"""Linear layers on GGUF blocks: the kernel equals the float32 product of the decoded weights,
+rows are matched exactly or refused, and the default target runs on its own 4-bit blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from specdec.gguf_linear import (
+    GGUFLinear,
+    QuantWeight,
+    kernels_enabled,
+    load_kernel,
+    match_rows,
+    quantize_linears,
+    quantize_q8_0,
+    read_gguf_weights,
+)
+from specdec.packed import PackedLinear
+from tests.tiny import tiny_head, tiny_runner
+
+pytestmark = pytest.mark.skipif(
+    not kernels_enabled() or load_kernel() is None, reason="no AVX2 CPU or no C++ compiler: the target stays float32"
+)
+
+
+def random_quant(n: int, k: int, q4: bool, seed: int = 0) -> QuantWeight:
+    gen = torch.Generator().manual_seed(seed)
+    d = (torch.rand(n, k // 32, generator=gen) * 0.02 + 1e-3).half().float()
+    if q4:
+        qs = torch.randint(0, 256, (n, k // 2), generator=gen, dtype=torch.uint8)
+        m = (-torch.rand(n, k // 32, generator=gen) * 0.1).half().float()
+        return QuantWeight(qs, d, m, True)
+    qs = torch.randint(0, 256, (n, k), generator=gen, dtype=torch.uint8)
+    return QuantWeight(qs, d, torch.empty(0), False)
+
+
+@pytest.mark.parametrize("q4", [True, False])
+@pytest.mark.parametrize("rows", [1, 2, 3, 7, 8, 9, 16, 17, 40])
+def test_kernel_equals_the_float32_product_of_the_decoded_weights(q4, rows):
+    quant = random_quant(72, 96, q4, seed=rows)
+    weight = quant.dequantize()
+    layer = GGUFLinear(quant, PackedLinear(weight), max_rows=16)
+    x = torch.randn(rows, 96)
+    with torch.inference_mode():
+        torch.testing.assert_close(layer(x), F.linear(x, weight), atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(layer(x[None]), F.linear(x, weight)[None], atol=2e-5, rtol=1e-5)
+
+
+def test_decoding_follows_ggml_nibble_order_and_formulas():
+    qs = torch.zeros(1, 16, dtype=torch.uint8)
+    qs[0, 0] = 0x3 | (0xA << 4)  # element 0 is the low nibble, element 16 the high one
+    quant = QuantWeight(qs, torch.tensor([[0.5]]), torch.tensor([[-1.0]]), True)
+    w = quant.dequantize()[0]
+    assert w[0] == 0.5 * 3 - 1 and w[16] == 0.5 * 10 - 1 and w[1] == -1.0
+    q8 = QuantWeight(torch.tensor([[255] + [2] * 31], dtype=torch.uint8), torch.tensor([[0.25]]), torch.empty(0), False)
+    assert q8.dequantize()[0, 0] == -0.25 and q8.dequantize()[0, 1] == 0.5
+
+
+def test_bias_is_added():
+    quant = random_quant(8, 32, True)
+    bias = torch.randn(8)
+    layer = GGUFLinear(quant, PackedLinear(quant.dequantize(), bias))
+    x = torch.randn(2, 32)
+    torch.testing.assert_close(layer(x), F.linear(x, quant.dequantize(), bias), atol=2e-5, rtol=1e-5)
+
+
+def test_match_rows_finds_the_row_order_or_refuses():
+    quant = random_quant(16, 64, True)
+    weight = quant.dequantize()
+    assert match_rows(quant, weight) is quant
+    order = torch.randperm(16, generator=torch.Generator().manual_seed(1))
+    matched = match_rows(quant, weight[order])
+    assert matched is not None and torch.equal(matched.dequantize(), weight[order])
+    changed = weight.clone()
+    changed[3, 5] += 1e-3
+    assert match_rows(quant, changed) is None
+    assert match_rows(quant, weight[:, :32]) is None
+
+
+def test_fused_weights_stack_rows():
+    a, b = random_quant(8, 64, True, 1), random_quant(4, 64, True, 2)
+    fused = QuantWeight.cat([a, b])
+    assert torch.equal(fused.dequantize(), torch.cat([a.dequantize(), b.dequantize()]))
+    with pytest.raises(ValueError):
+        QuantWeight.cat([a, random_quant(4, 64, False)])
+
+
+def test_q8_0_quantization_error_is_within_half_a_step():
+    weight = torch.randn(24, 96)
+    quant = quantize_q8_0(weight)
+    step = quant.d.repeat_interleave(32, dim=1)
+    assert ((quant.dequantize() - weight).abs() <= step / 2 + 1e-7).all()
+    assert torch.equal(quantize_q8_0(torch.zeros(2, 32)).dequantize(), torch.zeros(2, 32))
+
+
+def test_quantized_head_keeps_its_state_dict_and_proposes_similar_logits():
+    runner = tiny_runner()
+    head = tiny_head(runner).eval()
+    before = {k: v.clone() for k, v in head.state_dict().items()}
+    feats, tokens, positions = torch.randn(5, 32), torch.arange(5), torch.arange(5)
+    with torch.inference_mode():
+        reference = head.logits(head(feats, tokens, positions)[0])
+        head.quantize_for_inference()
+        quantized = head.logits(head(feats, tokens, positions)[0])
+    assert isinstance(head.fc, GGUFLinear) and isinstance(head._packed_lm_head[0], GGUFLinear)
+    assert head.state_dict().keys() == before.keys()
+    assert all(torch.equal(head.state_dict()[k], v) for k, v in before.items())
+    torch.testing.assert_close(quantized, reference, atol=0.05, rtol=0.05)
+    assert quantize_linears(head) == 0  # already quantized: nothing to do
+
+
+def test_switch_turns_the_kernels_off(monkeypatch):
+    monkeypatch.setenv("SPECDEC_GGUF_KERNELS", "0")
+    assert not kernels_enabled()
+    head = tiny_head(tiny_runner())
+    assert quantize_linears(head) == 0
+
+
+@pytest.mark.real
+def test_default_target_runs_on_its_own_gguf_blocks():
+    from specdec.target import TargetRunner, default_gguf_path
+    from specdec.tree import DraftTree
+
+    runner = TargetRunner.load()
+    layers = runner.lean.layers
+    assert all(isinstance(getattr(layer, name), GGUFLinear) for layer in layers for name in ("qkv", "o", "gate_up", "down"))
+    assert isinstance(runner.lean.lm_head, GGUFLinear)
+    # Every GGUF matrix decodes to exactly the float32 weight transformers dequantized.
+    weights = read_gguf_weights(default_gguf_path())
+    assert torch.equal(layers[0].qkv.quant.dequantize(), layers[0].qkv.weight)
+    assert torch.equal(runner.lean.lm_head.quant.dequantize(), runner.model.lm_head.weight)
+    assert len(weights) == 7 * len(layers) + 1
+    ids = runner.encode("Name three colours.", chat=True)
+    with torch.inference_mode():
+        reference = runner.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        state = runner.new_state()
+        runner.prefill(state, ids[:-1])
+        logits, _ = runner.forward_tree(state, DraftTree.single(ids[-1]))
+    torch.testing.assert_close(logits[0], reference, atol=1e-3, rtol=1e-4)
