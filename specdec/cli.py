@@ -27,10 +27,13 @@ def add_tree_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=int, default=defaults.top_k, help="children expanded per draft node")
     parser.add_argument("--depth", type=int, default=defaults.depth, help="draft tree depth")
     parser.add_argument("--total-tokens", type=int, default=defaults.total_tokens, help="tree nodes verified per round, root included")
+    parser.add_argument(
+        "--min-prob", type=float, default=defaults.min_prob, help="verify only draft nodes whose cumulative draft probability is at least this"
+    )
 
 
 def tree_from_args(args: argparse.Namespace) -> TreeConfig:
-    return TreeConfig(top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens)
+    return TreeConfig(top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_prob)
 
 
 def load_runner(args: argparse.Namespace):

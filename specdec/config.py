@@ -46,15 +46,23 @@ class TreeConfig:
     37 ms, of depth 5 and width 6 68 ms; and the shipped heads almost never get a fourth draft
     token accepted (1% of rounds), so the smaller tree keeps tau and halves the proposal.
     On a GPU use the reference settings (top_k 10, depth 6, total_tokens 60).
+
+    `min_prob` (ours, in the spirit of EAGLE-2's confidence-driven trees): a node whose
+    cumulative draft probability is below it is not verified, and drafting stops at a depth
+    where every frontier node is below it. On a CPU each verified node has a real price, so a
+    round should only pay for nodes with a fair chance of acceptance.
     """
 
     top_k: int = 4
     depth: int = 3
     total_tokens: int = 8
+    min_prob: float = 0.0
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.depth < 1 or self.total_tokens < 1:
             raise ConfigError(f"tree settings must be >= 1: {self}")
+        if not 0.0 <= self.min_prob < 1.0:
+            raise ConfigError(f"min_prob must be in [0, 1): {self.min_prob}")
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Sequence
@@ -138,7 +139,10 @@ class HeadDraftSession(DraftSession):
         frontier_inputs = self._root_feature.expand(len(frontier), -1)
         # Draft-cache slot of each expanded node (to build ancestor masks).
         slot: dict[int, int] = {}
+        min_score = math.log(cfg.min_prob) if cfg.min_prob > 0 else -math.inf
         for depth in range(2, cfg.depth + 1):
+            if max(scores[n] for n in frontier) < min_score:
+                break  # nothing deeper could be verified
             base = self.cache.length
             for j, node in enumerate(frontier):
                 slot[node] = base + j
@@ -164,7 +168,7 @@ class HeadDraftSession(DraftSession):
             frontier = [first_child + b for b in best]
             frontier_inputs = feature[[b // kk for b in best]]
         self.cache.truncate(committed)
-        kept = select_nodes(parents, scores, cfg.total_tokens)
+        kept = select_nodes(parents, scores, cfg.total_tokens, min_score)
         return subtree(tokens, parents, kept)
 
     def close(self) -> None:

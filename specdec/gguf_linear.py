@@ -9,9 +9,9 @@ before multiplying it with float32 activations. The weights are therefore bit-id
 the float32 model's and only the summation order differs, as it already does between a tree
 forward and a one-token forward: losslessness is untouched (tests compare both paths).
 
-Each layer checks at load that its decoded blocks equal the float32 weight (finding the row
-order where the GGUF stores rows permuted, as llama.cpp does for q/k) and keeps float32 for
-anything that does not match. Inputs of more than `max_rows` rows (prefill) run on the
+Each layer checks at load that its decoded blocks equal the float32 weight exactly (finding
+the row order where the two differ: llama.cpp stores q/k rows permuted for its rotary layout,
+and a loader may or may not undo that) and keeps float32 for anything that does not match. Inputs of more than `max_rows` rows (prefill) run on the
 float32 weights, where oneDNN's blocked matmul is faster. The kernel compiles once on first
 use (about a minute, cached by torch under ~/.cache/torch_extensions); without a compiler or
 AVX2 everything stays float32. `SPECDEC_GGUF_KERNELS=0` turns it off.

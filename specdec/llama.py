@@ -7,7 +7,9 @@ query/key/value and gate/up projections fused into one matrix each (the transfor
 weights become views into the fused matrices), rotary tables computed once, one growable KV
 tensor per sequence for all layers, an accepted-path commit that is a single gather over that
 tensor, and every projection and the LM head run on oneDNN-packed weights on CPU
-(`specdec.packed`). Results match transformers' forward to float rounding (tested).
+(`specdec.packed`), or on the GGUF file's own quantized blocks when the target came from one
+(`use_gguf`, `specdec.gguf_linear`). Results match transformers' forward to float rounding
+(tested).
 """
 
 from __future__ import annotations
@@ -57,6 +59,18 @@ _GGUF_NAMES = {
 }
 
 
+class _RMSNorm:
+    """A transformers RMSNorm's weight and epsilon applied by one fused op (its module spends
+    six ops per call, and a one-token step makes 61 calls)."""
+
+    def __init__(self, norm: nn.Module):
+        self.weight = norm.weight
+        self.eps = getattr(norm, "variance_epsilon", getattr(norm, "eps", 1e-6))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
 class _Layer:
     """One decoder layer's norms and projections, q/k/v and gate/up fused."""
 
@@ -70,8 +84,8 @@ class _Layer:
         bias = None
         if any(b is not None for b in biases):
             bias = torch.cat([b if b is not None else torch.zeros(p.out_features) for b, p in zip(biases, qkv)])
-        self.input_norm = layer.input_layernorm
-        self.post_norm = layer.post_attention_layernorm
+        self.input_norm = _RMSNorm(layer.input_layernorm)
+        self.post_norm = _RMSNorm(layer.post_attention_layernorm)
         self.qkv = PackedLinear(_fuse(qkv), bias)
         self.o = PackedLinear(attn.o_proj.weight)
         self.gate_up = PackedLinear(_fuse([mlp.gate_proj, mlp.up_proj]))
@@ -89,7 +103,7 @@ class LeanLlama(nn.Module):
         self.config = cfg
         body = model.model
         self.embed = body.embed_tokens
-        self.norm = body.norm
+        self.norm = _RMSNorm(body.norm)
         self.layers = [_Layer(layer) for layer in body.layers]
         self.lm_head = PackedLinear(model.get_output_embeddings().weight)
         attn = body.layers[0].self_attn

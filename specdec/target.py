@@ -1,8 +1,9 @@
 """The target model runner: load, prefill, tree forward, and KV-cache commit of the accepted path.
 
 The plain autoregressive path is the same runner verifying a root-only tree, so both paths run
-identical model code (`specdec.llama.LeanLlama` over the transformers model's weights). Features
-are the target's last hidden states after its final norm.
+identical model code (`specdec.llama.LeanLlama` over the transformers model's weights, or over
+the default GGUF's own 4-bit blocks on CPU). Features are the target's last hidden states after
+its final norm.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ other node carries a draft token and the index of its parent.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -62,14 +63,17 @@ def tree_attention_mask(parents: Sequence[int], past_len: int, device: torch.dev
     return allowed.to(device)
 
 
-def select_nodes(parents: Sequence[int], scores: Sequence[float], total_tokens: int) -> list[int]:
-    """EAGLE-2 reranking: keep the root and the best `total_tokens - 1` other nodes by score.
+def select_nodes(
+    parents: Sequence[int], scores: Sequence[float], total_tokens: int, min_score: float = -math.inf
+) -> list[int]:
+    """EAGLE-2 reranking: keep the root and the best `total_tokens - 1` other nodes by score,
+    none of them scoring below `min_score`.
 
     Scores are cumulative log-probabilities, so a child never outscores its parent; ties are
     broken by node index, which puts parents first. Returns kept indices in ascending order, so
     the result is still topologically ordered and every kept node's parent is kept too.
     """
-    order = sorted(range(1, len(parents)), key=lambda i: (-scores[i], i))
+    order = sorted((i for i in range(1, len(parents)) if scores[i] >= min_score), key=lambda i: (-scores[i], i))
     kept = sorted([0] + order[: max(total_tokens - 1, 0)])
     kept_set = set(kept)
     if any(parents[i] not in kept_set for i in kept[1:]):

@@ -112,3 +112,19 @@ def test_default_tree_config_drafter():
     plain, _ = decode(runner, prompt)
     spec, _ = decode(runner, prompt, tiny_drafter(runner, tree=TreeConfig()))
     assert spec.token_ids == plain.token_ids
+
+
+@pytest.mark.parametrize("seed", range(6))
+@pytest.mark.parametrize("min_prob", [0.05, 0.3, 0.9])
+def test_min_prob_trees_are_no_larger_and_decode_identically(seed, min_prob):
+    runner = tiny_runner(seed)
+    prompt = prompt_for(seed)
+    plain, _ = decode(runner, prompt)
+    drafter = tiny_drafter(runner, TreeConfig(top_k=3, depth=4, total_tokens=10, min_prob=min_prob), seed=seed)
+    session = drafter.open(prompt + plain.token_ids[:1], runner.prefill(runner.new_state(), prompt)[0])
+    tree = session.propose()
+    full = tiny_drafter(runner, TreeConfig(top_k=3, depth=4, total_tokens=10), seed=seed)
+    whole = full.open(prompt + plain.token_ids[:1], runner.prefill(runner.new_state(), prompt)[0]).propose()
+    assert len(tree) <= len(whole)
+    spec, _ = decode(runner, prompt, drafter)
+    assert spec.token_ids == plain.token_ids

@@ -123,6 +123,18 @@ def test_select_nodes_keeps_parents_and_order(tree, data):
     assert bool(anc.diagonal().all()) and bool(anc[:, 0].all())
 
 
+@given(trees(max_nodes=20), st.data())
+def test_select_nodes_leaves_out_unlikely_nodes_and_keeps_parents(tree, data):
+    scores = [0.0]
+    for i in range(1, len(tree)):
+        scores.append(scores[tree.parents[i]] - data.draw(st.floats(0, 3)))
+    min_score = data.draw(st.floats(-6, 0))
+    kept = select_nodes(tree.parents, scores, len(tree), min_score)
+    assert kept[0] == 0 and kept == sorted(kept)
+    assert kept == [0] + [i for i in range(1, len(tree)) if scores[i] >= min_score]
+    assert all(tree.parents[i] in kept for i in kept[1:])
+
+
 @given(
     st.lists(st.floats(-30, 30), min_size=2, max_size=20),
     st.sampled_from([1e-300, 1e-40, 1e-8, 1e-3]),

@@ -30,12 +30,13 @@ class DrafterSettings(BaseSettings):
     top_k: int = Field(_TREE.top_k, ge=1, description="children expanded per draft node")
     depth: int = Field(_TREE.depth, ge=1, description="draft tree depth")
     total_tokens: int = Field(_TREE.total_tokens, ge=1, description="tree nodes per round, root included")
+    min_prob: float = Field(_TREE.min_prob, ge=0.0, lt=1.0, description="verify only draft nodes with at least this cumulative draft probability")
     max_sessions: int = Field(64, ge=1, description="live sessions at most; more get RESOURCE_EXHAUSTED")
     grace_seconds: float = Field(5.0, ge=0, description="on SIGTERM, time given to live sessions before they are cut")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     def tree(self) -> TreeConfig:
-        return TreeConfig(top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens)
+        return TreeConfig(top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens, min_prob=self.min_prob)
 
 
 def parse_settings(argv: list[str] | None) -> DrafterSettings:
