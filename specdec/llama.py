@@ -161,9 +161,8 @@ class LeanLlama(nn.Module):
         kv = cache.data
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(layer.input_norm(x)).view(n, hq + 2 * hk, hd)
-            q, k, v = qkv.split([hq, hk, hk], dim=1)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            qk, v = qkv.split([hq + hk, hk], dim=1)
+            q, k = (qk * cos + _rotate_half(qk) * sin).split([hq, hk], dim=1)  # rotary on q and k at once
             kv[i, 0, :, start:end] = k.transpose(0, 1)
             kv[i, 1, :, start:end] = v.transpose(0, 1)
             out = F.scaled_dot_product_attention(
