@@ -11,8 +11,9 @@ forward and a one-token forward: losslessness is untouched (tests compare both p
 
 Each layer checks at load that its decoded blocks equal the float32 weight exactly (finding
 the row order where the two differ: llama.cpp stores q/k rows permuted for its rotary layout,
-and a loader may or may not undo that) and keeps float32 for anything that does not match. Inputs of more than `max_rows` rows (prefill) run on the
-float32 weights, where oneDNN's blocked matmul is faster. The kernel compiles once on first
+and a loader may or may not undo that) and keeps float32 for anything that does not match.
+Inputs of more than `max_rows` rows (prefill) run on the float32 weights, where oneDNN's
+blocked matmul is faster. The kernel compiles once on first
 use (about a minute, cached by torch under ~/.cache/torch_extensions); without a compiler or
 AVX2 everything stays float32. `SPECDEC_GGUF_KERNELS=0` turns it off.
 """
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sysconfig
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -118,11 +120,20 @@ def kernels_enabled() -> bool:
     return os.environ.get("SPECDEC_GGUF_KERNELS", "1") != "0" and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
 
 
+def kernel():
+    """The compiled extension, or None when it is turned off, the CPU lacks AVX2, or it cannot
+    be built here (with a warning). The one gate every user of the kernel goes through."""
+    return _build_kernel() if kernels_enabled() else None
+
+
 @lru_cache(maxsize=1)
-def load_kernel():
-    """The compiled extension, or None (with a warning) when it cannot be built here."""
+def _build_kernel():
     from torch.utils.cpp_extension import load
 
+    # torch runs `ninja` from PATH; the one this project depends on sits beside the interpreter.
+    scripts = sysconfig.get_path("scripts")
+    if scripts not in os.environ.get("PATH", "").split(os.pathsep):
+        os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
     try:
         return load("specdec_gguf_matmul", [str(_KERNEL_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
@@ -138,7 +149,7 @@ class GGUFLinear(nn.Module):
 
     def __init__(self, quant: QuantWeight, fallback: nn.Module, max_rows: int = 16):
         super().__init__()
-        self.kernel = load_kernel()
+        self.kernel = kernel()
         if self.kernel is None:
             raise RuntimeError("the GGUF kernel is not available")
         self.quant, self.max_rows = quant, max_rows
@@ -171,7 +182,7 @@ def quantize_linears(module: nn.Module, max_rows: int = 16) -> int:
     """Replace every linear layer in `module` (nn.Linear or PackedLinear, float32, in-features a
     multiple of 32) with a `GGUFLinear` over its Q8_0 blocks; returns how many. Lossy and for
     inference only: the draft head's layers. Does nothing when the kernel is unavailable."""
-    if not kernels_enabled() or load_kernel() is None:
+    if kernel() is None:
         return 0
     count = 0
     for name, child in module.named_children():

@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.config import ConfigError
-from specdec.gguf_linear import kernels_enabled, load_kernel, read_gguf_weights
+from specdec.gguf_linear import kernel, read_gguf_weights
 from specdec.llama import KVCache, LeanLlama
 from specdec.tree import DraftTree, tree_attention_mask
 
@@ -118,14 +118,15 @@ class TargetRunner:
         """Load a target (the default GGUF when `model` is None). The default target on CPU in
         float32 runs its projections on the GGUF's own 4-bit blocks (`specdec.gguf_linear`)."""
         runner = cls(*load_model_and_tokenizer(model, dtype, device))
-        if model is None and runner.device.type == "cpu" and runner.dtype == torch.float32 and kernels_enabled():
+        if model is None and runner.device.type == "cpu" and runner.dtype == torch.float32:
             runner.use_gguf(default_gguf_path())
         return runner
 
     def use_gguf(self, path: str | Path) -> int:
         """Run the linear layers whose weights the GGUF file at `path` holds (bit for bit) on
-        its quantized blocks; returns how many. Nothing changes when the kernel cannot build."""
-        if load_kernel() is None:
+        its quantized blocks; returns how many. Nothing changes when the kernel is off or cannot
+        build (`specdec.gguf_linear.kernel`)."""
+        if kernel() is None:
             return 0
         converted = self.lean.use_gguf(self.model, read_gguf_weights(path))
         log.info("target %s: %d linear layers run on GGUF blocks", self.name, converted)
