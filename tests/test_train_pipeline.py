@@ -24,14 +24,18 @@ class ChatCharTokenizer(CharTokenizer):
     ROLE_IDS = {"system": 60, "user": 61, "assistant": 62}
     END = 63
 
+    def __call__(self, text: str, add_special_tokens: bool = True) -> dict:
+        """Special tokens are written as private-use characters in the template's text form."""
+        return {"input_ids": [ord(c) - 0xE000 if ord(c) >= 0xE000 else ord(c) % 60 for c in text]}
+
     def encode(self, text: str) -> list[int]:
-        return [ord(c) % 60 for c in text]
+        return self(text)["input_ids"]
 
     def apply_chat_template(self, messages, add_generation_prompt=False, tokenize=True):
-        ids = []
-        for m in messages:
-            ids += [self.ROLE_IDS[m["role"]], *self.encode(m["content"]), self.END]
-        return ids + ([self.ROLE_IDS["assistant"]] if add_generation_prompt else [])
+        special = lambda i: chr(0xE000 + i)  # noqa: E731
+        text = "".join(special(self.ROLE_IDS[m["role"]]) + m["content"] + special(self.END) for m in messages)
+        text += special(self.ROLE_IDS["assistant"]) if add_generation_prompt else ""
+        return self.encode(text) if tokenize else text
 
 
 def chat_runner(seed: int = 0):
@@ -209,7 +213,7 @@ def test_every_train_command_has_help(capsys):
     from specdec.cli import build_parser
 
     parser, _ = build_parser()
-    for command in ("extract", "regenerate", "vocab", "fit", "evaluate"):
+    for command in ("extract", "prompts", "regenerate", "vocab", "fit", "evaluate"):
         with pytest.raises(SystemExit):
             parser.parse_args(["train", command, "--help"])
         assert "usage: specdec train " + command in capsys.readouterr().out
@@ -253,3 +257,48 @@ def test_select_questions_limits_then_balances_and_refuses_zero(tmp_path, capsys
     assert [q.question_id for q in select_questions(tmp_path / "q.jsonl", limit=1, per_category=5)[0]] == ["1"]
     with pytest.raises(ConfigError, match="per-category"):
         select_questions(tmp_path / "q.jsonl", per_category=0)
+
+
+def test_bare_prompts_are_read_only_where_no_reply_is_needed(tmp_path):
+    from specdec.train.data import read_conversations
+
+    path = tmp_path / "mixed.jsonl"
+    records = [
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        {"messages": [{"role": "user", "content": "a bare prompt"}]},
+        {"messages": [{"role": "system", "content": "only a system turn"}]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    chats, report = read_conversations(path)
+    assert len(chats) == 1 and [n for n, _ in report.skipped] == [2, 3]
+    prompts, report = read_conversations(path, need_reply=False)
+    assert len(prompts) == 2 and [n for n, _ in report.skipped] == [3]
+
+
+def test_prompts_are_the_targets_own_user_turns_and_resume_exactly(pipeline, tmp_path):
+    from specdec.train.prompts import user_turn_prefix, write_prompts
+    from specdec.train.regenerate import regenerate
+
+    runner = pipeline["runner"]
+    tok = runner.tokenizer
+    assert user_turn_prefix(tok) == [tok.ROLE_IDS["user"]]
+    whole = write_prompts(runner, tmp_path / "whole.jsonl", 4, 4, 48, seed=1, progress=False)
+    assert whole["prompts"] + sum(whole["dropped_this_run"].values()) == 16 and whole["prompts"] >= 2
+    records = [json.loads(line) for line in (tmp_path / "whole.jsonl").read_text().splitlines()]
+    texts = [r["messages"][0]["content"] for r in records]
+    assert len(set(texts)) == len(texts) and all(t.strip() for t in texts)
+    assert all(r["messages"][0]["role"] == "user" and len(r["messages"]) == 1 for r in records)
+    # Interrupted after 2 batches, then continued: the same file as one uninterrupted run.
+    write_prompts(runner, tmp_path / "parts.jsonl", 2, 4, 48, seed=1, progress=False)
+    rest = write_prompts(runner, tmp_path / "parts.jsonl", 4, 4, 48, seed=1, progress=False)
+    assert (tmp_path / "parts.jsonl").read_text() == (tmp_path / "whole.jsonl").read_text()
+    assert rest["prompts"] == whole["prompts"]
+    with pytest.raises(ConfigError, match="temperature"):
+        write_prompts(runner, tmp_path / "x.jsonl", 1, temperature=0.0, progress=False)
+    # The prompts feed regenerate directly: the target answers them.
+    counts = regenerate(runner, tmp_path / "whole.jsonl", tmp_path / "regen", max_new_tokens=6, batch_size=4, shard_size=4, progress=False)
+    assert counts["conversations"] == whole["prompts"] and counts["skipped"] == 0
+    sequences = load_sequences(tmp_path / "regen", runner)
+    assert len(sequences) == whole["prompts"]
+    asked = {tuple(s.ids[: int((~s.mask).sum())].tolist()) for s in sequences}
+    assert asked == {tuple(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)) for t in texts}

@@ -1,4 +1,4 @@
-"""`specdec train extract|regenerate|vocab|fit|evaluate`: the training pipeline's commands."""
+"""`specdec train extract|prompts|regenerate|vocab|fit|evaluate`: the training pipeline's commands."""
 
 from __future__ import annotations
 
@@ -53,7 +53,7 @@ def _extract(sub) -> None:
 
 def _regenerate(sub) -> None:
     p = sub.add_parser("regenerate", help="answer the training prompts with the target and store its features")
-    p.add_argument("--data", required=True, help="conversations JSONL; the prompt is everything before the first reply")
+    p.add_argument("--data", required=True, help="conversations JSONL (the prompt is everything before the first reply) or bare prompts (train prompts)")
     p.add_argument("--out", required=True, help="feature cache folder (created; rerun to continue)")
     p.add_argument("--limit", type=int, default=None, help="use the first N valid conversations")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
@@ -73,6 +73,26 @@ def _regenerate(sub) -> None:
                 runner, args.data, args.out, args.limit, args.max_new_tokens, args.max_prompt,
                 args.batch_size, args.temperature, args.seed, args.shard_size,
             )
+        )
+
+    p.set_defaults(train_handler=run)
+
+
+def _prompts(sub) -> None:
+    p = sub.add_parser("prompts", help="let the target write user prompts itself (Magpie), for regenerate")
+    p.add_argument("--out", required=True, help="prompts JSONL (rerun to continue; feed it to regenerate --data)")
+    p.add_argument("--batches", type=int, default=64, help="batches to sample in all")
+    p.add_argument("--batch-size", type=int, default=32, help="prompts sampled together")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="longest prompt; longer samples are dropped")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.train.prompts import write_prompts
+
+        return _print(
+            write_prompts(_runner(args), args.out, args.batches, args.batch_size, args.max_new_tokens, args.temperature, args.seed)
         )
 
     p.set_defaults(train_handler=run)
@@ -218,12 +238,12 @@ def _evaluate(sub) -> None:
     p.set_defaults(train_handler=run)
 
 
-SUBCOMMANDS: list[Callable] = [_extract, _regenerate, _vocab, _fit, _evaluate]
+SUBCOMMANDS: list[Callable] = [_extract, _prompts, _regenerate, _vocab, _fit, _evaluate]
 
 
 def train_parser(sub) -> Callable[[argparse.Namespace], int]:
     """Register `specdec train` and its subcommands on the top-level subparsers."""
-    p = sub.add_parser("train", help="distil draft heads: extract, regenerate, vocab, fit, evaluate")
+    p = sub.add_parser("train", help="distil draft heads: extract, prompts, regenerate, vocab, fit, evaluate")
     steps = p.add_subparsers(dest="train_command", required=True)
     for make in SUBCOMMANDS:
         make(steps)

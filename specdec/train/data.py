@@ -45,27 +45,33 @@ def _lines(path: str | Path):
                 yield number, line
 
 
-def _messages(record: object) -> list[dict]:
-    """The record's messages if they are a valid chat with at least one assistant reply."""
+def _messages(record: object, need_reply: bool) -> list[dict]:
+    """The record's messages if they are a valid chat: starting with a system or user turn
+    and, when `need_reply`, holding at least one assistant reply (else ending with a user turn)."""
     if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
         raise ValueError("no 'messages' list")
     messages = record["messages"]
     for m in messages:
         if not isinstance(m, dict) or m.get("role") not in ROLES or not isinstance(m.get("content"), str):
             raise ValueError("a message lacks a valid role or string content")
-    if not any(m["role"] == "assistant" for m in messages) or messages[0]["role"] == "assistant":
-        raise ValueError("needs a user turn followed by an assistant reply")
+    if not messages or messages[0]["role"] == "assistant":
+        raise ValueError("needs a user turn before any assistant reply")
+    if not any(m["role"] == "assistant" for m in messages) and (need_reply or messages[-1]["role"] != "user"):
+        raise ValueError("needs an assistant reply" if need_reply else "needs a user turn to answer")
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def read_conversations(path: str | Path, limit: int | None = None) -> tuple[list[list[dict]], ReadReport]:
-    """The first `limit` valid conversations (OpenAI messages format) of a JSONL file."""
+def read_conversations(
+    path: str | Path, limit: int | None = None, need_reply: bool = True
+) -> tuple[list[list[dict]], ReadReport]:
+    """The first `limit` valid conversations (OpenAI messages format) of a JSONL file; with
+    `need_reply` False, prompts alone (ending with a user turn) are valid too."""
     report, out = ReadReport(), []
     for number, line in _lines(path):
         if limit is not None and len(out) >= limit:
             break
         try:
-            out.append(_messages(json.loads(line)))
+            out.append(_messages(json.loads(line), need_reply))
         except (json.JSONDecodeError, ValueError) as exc:
             report.skipped.append((number, str(exc)))
     report.kept = len(out)

@@ -1,5 +1,7 @@
 """On-policy data (DistillSpec): the target answers the training prompts itself, and the
 features it computes while generating are stored in the same shard format as `extract`.
+Prompts come from conversations (everything before the first reply) or are bare prompts, such
+as those the target writes itself (`specdec.train.prompts`).
 
 Generation is batched (Hugging Face `generate`, left padding): per token far cheaper than
 running conversations one by one. The features are captured with a hook on the target's
@@ -22,8 +24,8 @@ from specdec.train.data import read_conversations
 
 
 def prompt_messages(messages: list[dict]) -> list[dict]:
-    """The conversation up to (not including) its first assistant reply."""
-    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    """The conversation up to (not including) its first assistant reply; all of a bare prompt."""
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
     return messages[:first]
 
 
@@ -92,7 +94,7 @@ def regenerate(
 ) -> dict:
     """Answer the first `limit` valid conversations' prompts with the target into cache `out`
     (features + masks as shards, the answers as shard-NNNNN.jsonl for inspection)."""
-    conversations, report = read_conversations(data, limit)
+    conversations, report = read_conversations(data, limit, need_reply=False)
     report.warn(data)
     source = f"regenerate:{Path(data).resolve()}:temperature={temperature}:seed={seed}:max_prompt={max_prompt}"
     write_meta(out, cache_meta(runner, source, max_prompt + max_new_tokens, shard_size))
