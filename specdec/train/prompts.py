@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from specdec.config import ConfigError
 from specdec.target import TargetRunner
+from specdec.train.regenerate import pad_id
 
 _MARK = "\x00PROMPT\x00"
 
@@ -67,7 +68,6 @@ def write_prompts(
     start = max((r["batch"] for r in records), default=-1) + 1
     seen = {r["messages"][0]["content"] for r in records}
     prefix = torch.tensor([user_turn_prefix(runner.tokenizer)] * batch_size, device=runner.device)
-    pad = runner.tokenizer.pad_token_id if getattr(runner.tokenizer, "pad_token_id", None) is not None else 0
     eos = set(runner.eos_token_ids)
     dropped = {"unfinished": 0, "blank": 0, "duplicate": 0}
     bar = tqdm(total=batches, initial=min(start, batches), desc="prompts", unit="batch", disable=not progress)
@@ -78,7 +78,7 @@ def write_prompts(
             attention_mask=torch.ones_like(prefix),
             do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
             max_new_tokens=max_new_tokens,
-            pad_token_id=pad,
+            pad_token_id=pad_id(runner),
             eos_token_id=list(eos) or None,
         )[:, prefix.shape[1] :].tolist()
         for row in rows:

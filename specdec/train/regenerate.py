@@ -29,6 +29,13 @@ def prompt_messages(messages: list[dict]) -> list[dict]:
     return messages[:first]
 
 
+def pad_id(runner: TargetRunner) -> int:
+    """The id `generate` pads finished rows with: the tokenizer's pad token, else 0 (those
+    positions are masked out or cut off, so any id serves)."""
+    pad = getattr(runner.tokenizer, "pad_token_id", None)
+    return 0 if pad is None else pad
+
+
 @torch.inference_mode()
 def generate_batch(
     runner: TargetRunner, prompts: list[list[int]], max_new_tokens: int, temperature: float
@@ -39,7 +46,7 @@ def generate_batch(
     generated token when the answer reached `max_new_tokens` (the EOS is kept otherwise, as the
     last pair still predicts it)."""
     width = max(len(p) for p in prompts)
-    pad = runner.tokenizer.pad_token_id if getattr(runner.tokenizer, "pad_token_id", None) is not None else 0
+    pad = pad_id(runner)
     ids = torch.full((len(prompts), width), pad, dtype=torch.long)
     attention = torch.zeros(len(prompts), width, dtype=torch.long)
     for b, p in enumerate(prompts):
