@@ -213,7 +213,7 @@ def test_every_train_command_has_help(capsys):
     from specdec.cli import build_parser
 
     parser, _ = build_parser()
-    for command in ("extract", "prompts", "regenerate", "vocab", "fit", "evaluate"):
+    for command in ("extract", "prompts", "regenerate", "vocab", "fit", "evaluate", "agreement"):
         with pytest.raises(SystemExit):
             parser.parse_args(["train", command, "--help"])
         assert "usage: specdec train " + command in capsys.readouterr().out
@@ -302,3 +302,32 @@ def test_prompts_are_the_targets_own_user_turns_and_resume_exactly(pipeline, tmp
     assert len(sequences) == whole["prompts"]
     asked = {tuple(s.ids[: int((~s.mask).sum())].tolist()) for s in sequences}
     assert asked == {tuple(tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True)) for t in texts}
+
+
+def test_agreement_scores_every_answer_token_after_the_first(pipeline, tmp_path):
+    from specdec.config import SamplingParams, StopConfig
+    from specdec.generate import Generation
+    from specdec.head import DraftHead
+    from specdec.train.agreement import agreement
+    from specdec.train.data import read_questions
+
+    runner = pipeline["runner"]
+    head = DraftHead.load(pipeline["tmp"] / "run" / "head", runner.embed_tokens, runner.lm_head.weight, runner.config).eval()
+    questions_file(tmp_path / "q.jsonl")
+    questions, _ = read_questions(tmp_path / "q.jsonl")
+    one = agreement(runner, head, questions, max_new_tokens=8, top_k=1, progress=False)
+    every = agreement(runner, head, questions, max_new_tokens=8, top_k=32, progress=False)
+    # The target's own greedy answers, to count what the measure should score.
+    in_vocab = scored = 0
+    vocab = set(pipeline["d2t"].tolist())
+    for q in questions:
+        gen = Generation(runner, runner.encode_messages([{"role": "user", "content": q.turns[0]}]), SamplingParams(), StopConfig(max_new_tokens=8))
+        for _ in gen:
+            pass
+        scored += len(gen.token_ids) - 1
+        in_vocab += sum(t in vocab for t in gen.token_ids[1:])
+    assert one["overall"]["scored"] == every["overall"]["scored"] == scored > 0
+    assert one["overall"]["top1"] == every["overall"]["top1"] <= every["overall"]["top32"]
+    # With every draft-vocabulary token a draft, a hit is exactly a token inside the vocabulary.
+    assert every["overall"]["top32"] == round(in_vocab / scored, 4)
+    assert sum(c["scored"] for c in every["per_category"].values()) == scored

@@ -1,4 +1,4 @@
-"""`specdec train extract|prompts|regenerate|vocab|fit|evaluate`: the training pipeline's commands."""
+"""`specdec train extract|prompts|regenerate|vocab|fit|evaluate|agreement`: the training pipeline's commands."""
 
 from __future__ import annotations
 
@@ -238,12 +238,42 @@ def _evaluate(sub) -> None:
     p.set_defaults(train_handler=run)
 
 
-SUBCOMMANDS: list[Callable] = [_extract, _prompts, _regenerate, _vocab, _fit, _evaluate]
+def _agreement(sub) -> None:
+    p = sub.add_parser("agreement", help="teacher-forced top-1/top-k agreement of a head with the target's greedy answers")
+    p.add_argument("--head", required=True, help="head directory")
+    p.add_argument("--questions", required=True, help="Spec-Bench-format JSONL; the first turn of each is answered")
+    p.add_argument("--limit", type=int, default=None, help="use the first N valid questions")
+    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="answer length per question")
+    p.add_argument("--top-k", type=int, default=6, help="drafts per position that count as a hit")
+    p.add_argument("--json", default=None, help="also write the result here")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.head import DraftHead
+        from specdec.train.agreement import agreement
+        from specdec.train.data import select_questions
+
+        questions, report = select_questions(args.questions, args.limit, args.per_category)
+        runner = _runner(args)
+        if not Path(args.head).is_dir():
+            raise ConfigError(f"head path {args.head!r} is not a directory")
+        head = DraftHead.load(args.head, runner.embed_tokens, runner.lm_head.weight, runner.config).eval()
+        result = {"head": args.head, "skipped_lines": len(report.skipped)}
+        result.update(agreement(runner, head, questions, args.max_new_tokens, args.top_k))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2))
+        return _print(result)
+
+    p.set_defaults(train_handler=run)
+
+
+SUBCOMMANDS: list[Callable] = [_extract, _prompts, _regenerate, _vocab, _fit, _evaluate, _agreement]
 
 
 def train_parser(sub) -> Callable[[argparse.Namespace], int]:
     """Register `specdec train` and its subcommands on the top-level subparsers."""
-    p = sub.add_parser("train", help="distil draft heads: extract, prompts, regenerate, vocab, fit, evaluate")
+    p = sub.add_parser("train", help="distil draft heads: extract, prompts, regenerate, vocab, fit, evaluate, agreement")
     steps = p.add_subparsers(dest="train_command", required=True)
     for make in SUBCOMMANDS:
         make(steps)
