@@ -204,7 +204,13 @@ def load_head_drafter(runner: TargetRunner, head: str | None, tree: TreeConfig, 
         cfg = HeadConfig.for_target(runner.config, "fspad", target=runner.name)
         module = DraftHead(cfg, runner.embed_tokens, runner.lm_head.weight).to(runner.device, runner.dtype)
     else:
-        if not Path(head).is_dir():
-            raise ConfigError(f"head path {head!r} is not a directory")
-        module = DraftHead.load(head, runner.embed_tokens, runner.lm_head.weight, runner.config)
+        module = load_head(runner, head)
     return HeadDrafter(module, tree)
+
+
+def load_head(runner: TargetRunner, path: str | Path) -> DraftHead:
+    """A saved head directory bound to `runner`'s embedding and LM head; a clear error when the
+    path is not a directory or the head was trained for another target shape."""
+    if not Path(path).is_dir():
+        raise ConfigError(f"head path {str(path)!r} is not a directory")
+    return DraftHead.load(path, runner.embed_tokens, runner.lm_head.weight, runner.config)

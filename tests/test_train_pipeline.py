@@ -306,13 +306,13 @@ def test_prompts_are_the_targets_own_user_turns_and_resume_exactly(pipeline, tmp
 
 def test_agreement_scores_every_answer_token_after_the_first(pipeline, tmp_path):
     from specdec.config import SamplingParams, StopConfig
+    from specdec.drafter import load_head
     from specdec.generate import Generation
-    from specdec.head import DraftHead
     from specdec.train.agreement import agreement
     from specdec.train.data import read_questions
 
     runner = pipeline["runner"]
-    head = DraftHead.load(pipeline["tmp"] / "run" / "head", runner.embed_tokens, runner.lm_head.weight, runner.config).eval()
+    head = load_head(runner, pipeline["tmp"] / "run" / "head").eval()
     questions_file(tmp_path / "q.jsonl")
     questions, _ = read_questions(tmp_path / "q.jsonl")
     one = agreement(runner, head, questions, max_new_tokens=8, top_k=1, progress=False)
@@ -328,6 +328,7 @@ def test_agreement_scores_every_answer_token_after_the_first(pipeline, tmp_path)
         in_vocab += sum(t in vocab for t in gen.token_ids[1:])
     assert one["overall"]["scored"] == every["overall"]["scored"] == scored > 0
     assert one["overall"]["top1"] == every["overall"]["top1"] <= every["overall"]["top32"]
+    assert set(one["overall"]) == {"scored", "top1"}
     # With every draft-vocabulary token a draft, a hit is exactly a token inside the vocabulary.
     assert every["overall"]["top32"] == round(in_vocab / scored, 4)
     assert sum(c["scored"] for c in every["per_category"].values()) == scored

@@ -51,7 +51,8 @@ def agreement(
         c[2] += int((drafts == truth).any(-1).sum())
 
     def block(scored: int, top1: int, topk: int) -> dict:
-        return {"scored": scored, "top1": round(top1 / scored, 4) if scored else 0.0, f"top{top_k}": round(topk / scored, 4) if scored else 0.0}
+        shares = {"top1": top1, f"top{top_k}": topk}  # one key when top_k is 1
+        return {"scored": scored} | {k: round(v / scored, 4) if scored else 0.0 for k, v in shares.items()}
 
     total = [sum(c[i] for c in counts.values()) for i in range(3)]
     return {"overall": block(*total), "per_category": {k: block(*v) for k, v in sorted(counts.items())}}

@@ -250,15 +250,13 @@ def _agreement(sub) -> None:
     _model_args(p)
 
     def run(args: argparse.Namespace) -> int:
-        from specdec.head import DraftHead
+        from specdec.drafter import load_head
         from specdec.train.agreement import agreement
         from specdec.train.data import select_questions
 
         questions, report = select_questions(args.questions, args.limit, args.per_category)
         runner = _runner(args)
-        if not Path(args.head).is_dir():
-            raise ConfigError(f"head path {args.head!r} is not a directory")
-        head = DraftHead.load(args.head, runner.embed_tokens, runner.lm_head.weight, runner.config).eval()
+        head = load_head(runner, args.head).eval()
         result = {"head": args.head, "skipped_lines": len(report.skipped)}
         result.update(agreement(runner, head, questions, args.max_new_tokens, args.top_k))
         if args.json:
