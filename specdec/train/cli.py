@@ -29,9 +29,20 @@ def _runner(args: argparse.Namespace):
     return load_runner(args)
 
 
-def _print(result: dict) -> int:
-    print(json.dumps(result, indent=2))
+def _print(result: dict, json_out: str | None = None) -> int:
+    """Print the result; also write it to `json_out` when given."""
+    text = json.dumps(result, indent=2)
+    if json_out:
+        Path(json_out).write_text(text)
+    print(text)
     return 0
+
+
+def _question_args(p: argparse.ArgumentParser, questions_help: str) -> None:
+    """Which Spec-Bench-format questions a command runs over (see `select_questions`)."""
+    p.add_argument("--questions", required=True, help=questions_help)
+    p.add_argument("--limit", type=int, default=None, help="use the first N valid questions")
+    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
 
 
 def _extract(sub) -> None:
@@ -209,9 +220,7 @@ def _evaluate(sub) -> None:
 
     p = sub.add_parser("evaluate", help="tau of a head on Spec-Bench-format questions (overall, per category, by depth)")
     p.add_argument("--head", required=True, help="head directory, or 'random'")
-    p.add_argument("--questions", required=True, help="Spec-Bench-format JSONL (question_id, category, turns)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N valid questions")
-    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
+    _question_args(p, "Spec-Bench-format JSONL (question_id, category, turns)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per turn at most")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
@@ -231,9 +240,7 @@ def _evaluate(sub) -> None:
         progress = f"{args.json}.progress.jsonl" if args.json else None
         result = {"head": args.head, "skipped_lines": len(report.skipped)}
         result.update(evaluate(runner, drafter, questions, args.temperature, args.max_new_tokens, args.seed, progress))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
-        return _print(result)
+        return _print(result, args.json)
 
     p.set_defaults(train_handler=run)
 
@@ -241,9 +248,7 @@ def _evaluate(sub) -> None:
 def _agreement(sub) -> None:
     p = sub.add_parser("agreement", help="teacher-forced top-1/top-k agreement of a head with the target's greedy answers")
     p.add_argument("--head", required=True, help="head directory")
-    p.add_argument("--questions", required=True, help="Spec-Bench-format JSONL; the first turn of each is answered")
-    p.add_argument("--limit", type=int, default=None, help="use the first N valid questions")
-    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
+    _question_args(p, "Spec-Bench-format JSONL; the first turn of each is answered")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length per question")
     p.add_argument("--top-k", type=int, default=6, help="drafts per position that count as a hit")
     p.add_argument("--json", default=None, help="also write the result here")
@@ -259,9 +264,7 @@ def _agreement(sub) -> None:
         head = load_head(runner, args.head).eval()
         result = {"head": args.head, "skipped_lines": len(report.skipped)}
         result.update(agreement(runner, head, questions, args.max_new_tokens, args.top_k))
-        if args.json:
-            Path(args.json).write_text(json.dumps(result, indent=2))
-        return _print(result)
+        return _print(result, args.json)
 
     p.set_defaults(train_handler=run)
 
