@@ -47,10 +47,11 @@ class TreeConfig:
     depth 3 and width 4 costs about 6 ms; and the shipped heads almost never get a fourth draft
     token accepted (1% of rounds). With min_prob 0, 0.1, 0.2 and 0.3 the 13-question bench gave
     0.84x, 1.02x, 1.03x and 1.02x of plain decoding (tau 1.69, 1.51, 1.39, 1.30): on this CPU
-    the unlikely nodes cost more than they return, so pass min_prob 0.2 on this CPU. The default
-    stays 0 (EAGLE-2's plain top-`total_tokens` tree): a head of unknown calibration, such as a
-    random one, would otherwise never get a draft verified.
-    On a GPU use the reference settings (top_k 10, depth 6, total_tokens 60).
+    the unlikely nodes cost more than they return, hence the default 0.2. The single most likely
+    draft is verified whatever its probability (`tree.select_nodes`), so a head of unknown
+    calibration, such as a random one, still gets a draft tried each round.
+    On a GPU, where a node costs next to nothing, use the reference settings (top_k 10, depth 6,
+    total_tokens 60) and min_prob 0 (EAGLE-2's plain top-`total_tokens` tree).
 
     `min_prob` (ours, in the spirit of EAGLE-2's confidence-driven trees): a node whose
     cumulative draft probability is below it is not verified, and drafting stops at a depth
@@ -61,7 +62,7 @@ class TreeConfig:
     top_k: int = 4
     depth: int = 3
     total_tokens: int = 8
-    min_prob: float = 0.0
+    min_prob: float = 0.2
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.depth < 1 or self.total_tokens < 1:

@@ -67,13 +67,16 @@ def select_nodes(
     parents: Sequence[int], scores: Sequence[float], total_tokens: int, min_score: float = -math.inf
 ) -> list[int]:
     """EAGLE-2 reranking: keep the root and the best `total_tokens - 1` other nodes by score,
-    none of them scoring below `min_score`.
+    none of them scoring below `min_score` except the single best draft (our choice): every
+    round verifies at least one draft token, so a head that is never confident (an untrained
+    or badly calibrated one) still gets its best guess tried at the price of one node.
 
     Scores are cumulative log-probabilities, so a child never outscores its parent; ties are
     broken by node index, which puts parents first. Returns kept indices in ascending order, so
     the result is still topologically ordered and every kept node's parent is kept too.
     """
-    order = sorted((i for i in range(1, len(parents)) if scores[i] >= min_score), key=lambda i: (-scores[i], i))
+    order = sorted(range(1, len(parents)), key=lambda i: (-scores[i], i))
+    order = order[:1] + [i for i in order[1:] if scores[i] >= min_score]
     kept = sorted([0] + order[: max(total_tokens - 1, 0)])
     kept_set = set(kept)
     if any(parents[i] not in kept_set for i in kept[1:]):

@@ -124,14 +124,15 @@ def test_select_nodes_keeps_parents_and_order(tree, data):
 
 
 @given(trees(max_nodes=20), st.data())
-def test_select_nodes_leaves_out_unlikely_nodes_and_keeps_parents(tree, data):
+def test_select_nodes_leaves_out_unlikely_nodes_but_the_best_and_keeps_parents(tree, data):
     scores = [0.0]
     for i in range(1, len(tree)):
         scores.append(scores[tree.parents[i]] - data.draw(st.floats(0, 3)))
     min_score = data.draw(st.floats(-6, 0))
     kept = select_nodes(tree.parents, scores, len(tree), min_score)
     assert kept[0] == 0 and kept == sorted(kept)
-    assert kept == [0] + [i for i in range(1, len(tree)) if scores[i] >= min_score]
+    best = min(range(1, len(tree)), key=lambda i: (-scores[i], i), default=None)
+    assert kept == [0] + [i for i in range(1, len(tree)) if scores[i] >= min_score or i == best]
     assert all(tree.parents[i] in kept for i in kept[1:])
 
 

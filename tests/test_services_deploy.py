@@ -10,6 +10,8 @@ import kubernetes_validate
 import pytest
 import yaml
 
+from services.drafter.settings import parse_settings
+from specdec.config import TreeConfig
 from tests.conftest import REPO
 
 K8S_VERSION = "1.30"
@@ -69,3 +71,11 @@ def test_kubernetes_gpus_probes_and_services() -> None:
     assert verifier["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert verifier["livenessProbe"]["httpGet"]["path"] == "/health"
     assert "specdec-drafter:50051" in verifier["args"]
+
+
+def test_gpu_drafters_use_the_reference_tree() -> None:
+    """The CPU-tuned tree defaults would starve a GPU: the deployed drafters parse to EAGLE-2's
+    reference tree with every node verified."""
+    drafter_k8s = next(d for d in MANIFESTS if d["metadata"]["name"] == "specdec-drafter" and d["kind"] == "Deployment")
+    for args in (COMPOSE["services"]["drafter"]["command"], drafter_k8s["spec"]["template"]["spec"]["containers"][0]["args"]):
+        assert parse_settings(args).tree() == TreeConfig(top_k=10, depth=6, total_tokens=60, min_prob=0.0)
