@@ -141,8 +141,13 @@ class HeadDraftSession(DraftSession):
         slot: dict[int, int] = {}
         min_score = math.log(cfg.min_prob) if cfg.min_prob > 0 else -math.inf
         for depth in range(2, cfg.depth + 1):
-            if max(scores[n] for n in frontier) < min_score:
-                break  # nothing deeper could be verified
+            # A child never outscores its parent, so a node below min_prob has no child that
+            # could be verified: expanding it would only cost time. The tree is unchanged.
+            live = [j for j, node in enumerate(frontier) if scores[node] >= min_score]
+            if not live:
+                break
+            if len(live) < len(frontier):
+                frontier, frontier_inputs = [frontier[j] for j in live], frontier_inputs[live]
             base = self.cache.length
             for j, node in enumerate(frontier):
                 slot[node] = base + j
