@@ -24,7 +24,10 @@ def warp_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     if params.top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        # Ranked by logit, not probability: at a tiny temperature two tokens can round to the
+        # same probability while their logits still tell which one is more likely.
+        order = torch.sort(logits, dim=-1, descending=True).indices
+        sorted_probs = probs.gather(-1, order)
         mass_before = sorted_probs.cumsum(-1) - sorted_probs
         drop = mass_before >= params.top_p
         drop[..., 0] = False  # the most likely token always stays, however small top_p is

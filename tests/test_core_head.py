@@ -35,7 +35,7 @@ def test_tree_children_are_the_heads_sequential_top_k():
     runner = tiny_runner(1)
     head = tiny_head(runner, "fspad", draft_vocab=32).eval()
     k = 3
-    drafter = HeadDrafter(head, TreeConfig(top_k=k, depth=2, total_tokens=1 + k + k * k))
+    drafter = HeadDrafter(head, TreeConfig(top_k=k, depth=2, total_tokens=1 + k + k * k, min_prob=0.0))
     tokens = [5, 9, 13, 2, 40, 7]
     feats = torch.randn(len(tokens) - 1, 32)
     tree = drafter.open(tokens, feats).propose()

@@ -146,3 +146,10 @@ def test_extreme_temperature_and_top_p_stay_distributions(logits, temperature, t
     assert not torch.isnan(p).any() and abs(float(p.sum()) - 1.0) < 1e-5
     x = torch.tensor(logits)
     assert x[p > 0].max() == x.max()  # the mass sits on a most likely token
+
+
+def test_top_p_keeps_the_most_likely_token_when_probabilities_round_to_a_tie():
+    """At temperature 1e-8 logits 0 and 1e-29 give equal float64 probabilities; the nucleus of a
+    tiny top_p is still the token with the larger logit (a case hypothesis found)."""
+    p = warp_probs(torch.tensor([0.0, 1.0272857916550828e-29]), SamplingParams(temperature=1e-8, top_p=2e-313))
+    assert p.tolist() == [0.0, 1.0]
