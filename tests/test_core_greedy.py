@@ -131,7 +131,7 @@ def test_min_prob_trees_are_subtrees_and_decode_identically(seed, min_prob):
     drafter = tiny_drafter(runner, TreeConfig(top_k=3, depth=4, total_tokens=10, min_prob=min_prob), seed=seed)
     session = drafter.open(prompt + plain.token_ids[:1], runner.prefill(runner.new_state(), prompt)[0])
     tree = session.propose()
-    full = tiny_drafter(runner, TreeConfig(top_k=3, depth=4, total_tokens=10), seed=seed)
+    full = tiny_drafter(runner, TreeConfig(top_k=3, depth=4, total_tokens=10, min_prob=0.0), seed=seed)
     whole = full.open(prompt + plain.token_ids[:1], runner.prefill(runner.new_state(), prompt)[0]).propose()
     assert len(tree) <= len(whole)
     assert paths(tree) <= paths(whole), "min_prob only leaves nodes out of the same tree"

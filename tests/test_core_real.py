@@ -53,7 +53,7 @@ def test_random_head_greedy_equals_plain_on_dev_prompts(runner, index):
     stop = StopConfig(max_new_tokens=64)
     plain = Generation(runner, prompt, SamplingParams(), stop)
     list(plain)
-    drafter = load_head_drafter(runner, "random", TreeConfig(top_k=4, depth=3, total_tokens=8), seed=index)
+    drafter = load_head_drafter(runner, "random", TreeConfig(top_k=4, depth=3, total_tokens=8, min_prob=0.0), seed=index)
     spec = Generation(runner, prompt, SamplingParams(), stop, drafter)
     list(spec)
     assert spec.stats.draft_tokens > 0

@@ -198,7 +198,7 @@ def test_evaluate_reports_tau_per_category_and_resumes(pipeline, tmp_path):
     questions_file(tmp_path / "q.jsonl")
     questions, report = read_questions(tmp_path / "q.jsonl")
     assert len(questions) == 3 and len(report.skipped) == 1
-    drafter = load_head_drafter(runner, str(pipeline["tmp"] / "run" / "head"), TreeConfig(top_k=3, depth=3, total_tokens=8))
+    drafter = load_head_drafter(runner, str(pipeline["tmp"] / "run" / "head"), TreeConfig(top_k=3, depth=3, total_tokens=8, min_prob=0.0))
     progress = tmp_path / "progress.jsonl"
     partial = evaluate(runner, drafter, questions[:2], max_new_tokens=12, progress_file=progress, progress=False)
     result = evaluate(runner, drafter, questions, max_new_tokens=12, progress_file=progress, progress=False)

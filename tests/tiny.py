@@ -58,7 +58,7 @@ def tiny_head(runner: TargetRunner, variant: str = "fspad", seed: int = 0, draft
     return head
 
 
-def tiny_drafter(runner: TargetRunner, tree: TreeConfig = TreeConfig(top_k=3, depth=4, total_tokens=10), **kw) -> HeadDrafter:
+def tiny_drafter(runner: TargetRunner, tree: TreeConfig = TreeConfig(top_k=3, depth=4, total_tokens=10, min_prob=0.0), **kw) -> HeadDrafter:
     return HeadDrafter(tiny_head(runner, **kw), tree)
 
 
