@@ -2,7 +2,7 @@
 
 Why: the default target *is* a 4-bit model (its GGUF stores every projection in Q4_1 and the
 tied embedding/LM head in Q8_0); transformers dequantizes it to float32, and reading those
-540 MB per token bounds plain decoding here. The C++ kernel (`kernels/gguf_matmul.cpp`, AVX2)
+540 MB per token bounds plain decoding here. The C++ kernel (`kernels/gguf_blocks.h`, AVX2)
 reads the blocks themselves, 4-5x fewer bytes, and decodes each weight exactly as the
 dequantization does (w = d*q + m for Q4_1, w = d*q for Q8_0, float32, one rounding) right
 before multiplying it with float32 activations. The weights are therefore bit-identical to
@@ -36,7 +36,7 @@ from specdec.packed import PackedLinear
 log = logging.getLogger(__name__)
 
 BLOCK = 32
-_KERNEL_SOURCE = Path(__file__).resolve().parent / "kernels" / "gguf_matmul.cpp"
+_KERNEL_SOURCES = [Path(__file__).resolve().parent / "kernels" / name for name in ("gguf_matmul.cpp", "decoder.cpp")]
 _BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 
 
@@ -136,7 +136,7 @@ def _build_kernel():
         os.environ["PATH"] = os.pathsep.join([scripts, os.environ.get("PATH", "")])
     flags = ["-O3", "-mavx2", "-mfma", "-fopenmp"]
     try:
-        return load("specdec_gguf_matmul", [str(_KERNEL_SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        return load("specdec_gguf_kernels", [str(p) for p in _KERNEL_SOURCES], extra_cflags=flags, extra_ldflags=["-fopenmp"])
     except Exception as exc:  # no compiler, no headers, a failed build: stay on float32
         log.warning("GGUF kernel unavailable, the target runs on float32 weights: %s", exc)
         return None

@@ -8,11 +8,15 @@ weights become views into the fused matrices), rotary tables computed once, one 
 tensor per sequence for all layers, an accepted-path commit that is a single gather over that
 tensor, and every projection and the LM head run on oneDNN-packed weights on CPU
 (`specdec.packed`), or on the GGUF file's own quantized blocks when the target came from one
-(`use_gguf`, `specdec.gguf_linear`). Results match transformers' forward to float rounding
-(tested).
+(`use_gguf`, `specdec.gguf_linear`). When every layer runs on GGUF blocks, a step of up to
+16 tokens runs the whole decoder stack in one C++ call (`kernels/decoder.cpp`): no Python or
+allocation per layer, and each row's result independent of the rows beside it. Results match
+transformers' forward to float rounding (tested).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -71,6 +75,19 @@ class _RMSNorm:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+@dataclass(frozen=True)
+class _Stack:
+    """The C++ decoder stack's arguments: per layer two norm weights and the (qs, d, m) block
+    tensors and kind of four projections (q/k/v, output, gate/up, down)."""
+
+    kernel: object
+    norms: list[torch.Tensor]
+    blocks: list[torch.Tensor]
+    q4: list[bool]
+    eps: float
+    max_rows: int  # larger inputs (a prefill) run the Python path on float32 weights
+
+
 class _Layer:
     """One decoder layer's norms and projections, q/k/v and gate/up fused."""
 
@@ -116,6 +133,7 @@ class LeanLlama(nn.Module):
         cos, sin = body.rotary_emb(param[:1].float(), positions)
         self.register_buffer("cos", cos[0].to(param.dtype), persistent=False)
         self.register_buffer("sin", sin[0].to(param.dtype), persistent=False)
+        self._stack: _Stack | None = None  # set by `use_gguf` when every projection is on GGUF blocks
 
     def use_gguf(self, model: nn.Module, weights: dict[str, QuantWeight]) -> int:
         """Run every projection (and the LM head) whose float32 weight equals a GGUF tensor in
@@ -135,7 +153,23 @@ class LeanLlama(nn.Module):
         if found is not None:
             self.lm_head = GGUFLinear(found, self.lm_head)
             converted += 1
+        self._prepare_stack()
         return converted
+
+    def _prepare_stack(self) -> None:
+        """Hand the C++ decoder stack its weights when every projection is on GGUF blocks."""
+        projections = [getattr(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
+        norms = [norm for layer in self.layers for norm in (layer.input_norm, layer.post_norm)]
+        if not all(isinstance(p, GGUFLinear) and p.bias is None for p in projections) or len({n.eps for n in norms}) != 1:
+            return
+        self._stack = _Stack(
+            kernel=projections[0].kernel,
+            norms=[n.weight.detach().float().contiguous() for n in norms],
+            blocks=[t for p in projections for t in (p.quant.qs, p.quant.d, p.quant.m)],
+            q4=[p.quant.q4 for p in projections],
+            eps=norms[0].eps,
+            max_rows=min(p.max_rows for p in projections),
+        )
 
     def new_cache(self, capacity: int = 256) -> KVCache:
         param = self.embed.weight
@@ -151,6 +185,13 @@ class LeanLlama(nn.Module):
         n = ids.shape[0]
         end = start + n
         cache.reserve(end)
+        stack = self._stack
+        if stack is not None and n <= stack.max_rows and ids.device.type == "cpu":
+            x = stack.kernel.decoder_forward(
+                self.embed(ids).contiguous(), cache.data, start, self.cos[positions], self.sin[positions], mask,
+                stack.norms, stack.blocks, stack.q4, self.heads, self.kv_heads, self.scale, stack.eps,
+            )
+            return self.norm(x)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, hd]
         causal = mask is None and n > 1
         if causal and start:

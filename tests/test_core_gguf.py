@@ -126,7 +126,7 @@ def test_default_target_runs_on_its_own_gguf_blocks():
     runner = TargetRunner.load()
     layers = runner.lean.layers
     assert all(isinstance(getattr(layer, name), GGUFLinear) for layer in layers for name in ("qkv", "o", "gate_up", "down"))
-    assert isinstance(runner.lean.lm_head, GGUFLinear)
+    assert isinstance(runner.lean.lm_head, GGUFLinear) and runner.lean._stack is not None
     # Every GGUF matrix decodes to exactly the float32 weight transformers dequantized.
     weights = read_gguf_weights(default_gguf_path())
     assert torch.equal(layers[0].qkv.quant.dequantize(), layers[0].qkv.weight)

@@ -9,7 +9,9 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.config import TreeConfig
 from specdec.drafter import Drafter, DrafterUnavailable, DraftSession, HeadDrafter
+from specdec.gguf_linear import QuantWeight, quantize_q8_0
 from specdec.head import DraftHead, HeadConfig
+from specdec.llama import LeanLlama
 from specdec.target import TargetRunner
 from specdec.tree import DraftTree
 
@@ -47,6 +49,52 @@ def tiny_runner(
     with torch.no_grad():  # sharpen the output so that trees get accepted sometimes
         model.lm_head.weight.mul_(sharpness)
     return TargetRunner(model, CharTokenizer(), name="tiny")
+
+
+def quantize_q4_1(weight: torch.Tensor) -> QuantWeight:
+    """Q4_1 blocks of a float32 weight as llama.cpp writes them: per 32 weights a float16 scale
+    d = (max - min) / 15 and minimum m, q = round((w - m) / d) in 0..15, element j in the low
+    nibble of byte j and element j + 16 in its high nibble."""
+    n, k = weight.shape
+    blocks = weight.float().reshape(n, k // 32, 32)
+    m = blocks.amin(-1).half().float()
+    d = ((blocks.amax(-1) - m) / 15).half().float().clamp_min(1e-4)
+    q = ((blocks - m[..., None]) / d[..., None]).round().clamp(0, 15).to(torch.uint8)
+    qs = q[..., :16] | (q[..., 16:] << 4)
+    return QuantWeight(qs.reshape(n, k // 2).contiguous(), d, m, True)
+
+
+# GGUF tensor names of a Llama layer's projections and the block kind the default target uses
+# for each (True: Q4_1, False: Q8_0); mixed so that both kinds meet in one layer.
+_GGUF_LAYER = {
+    ("self_attn", "q_proj"): ("attn_q", True),
+    ("self_attn", "k_proj"): ("attn_k", True),
+    ("self_attn", "v_proj"): ("attn_v", True),
+    ("self_attn", "o_proj"): ("attn_output", False),
+    ("mlp", "gate_proj"): ("ffn_gate", False),
+    ("mlp", "up_proj"): ("ffn_up", False),
+    ("mlp", "down_proj"): ("ffn_down", True),
+}
+
+
+def tiny_gguf_runner(seed: int = 0, **kw) -> TargetRunner:
+    """A tiny target whose weights are replaced by GGUF blocks (and their exact float32 decoding),
+    running on the block kernels and the C++ decoder stack as the default target does."""
+    runner = tiny_runner(seed, **kw)
+    model, weights = runner.model, {}
+    with torch.no_grad():
+        for i, layer in enumerate(model.model.layers):
+            for (parent, name), (gguf, q4) in _GGUF_LAYER.items():
+                linear = getattr(getattr(layer, parent), name)
+                quant = quantize_q4_1(linear.weight) if q4 else quantize_q8_0(linear.weight)
+                linear.weight.copy_(quant.dequantize())
+                weights[f"blk.{i}.{gguf}.weight"] = quant
+        quant = quantize_q8_0(model.lm_head.weight)
+        model.lm_head.weight.copy_(quant.dequantize())
+        weights["output.weight"] = quant
+    runner.lean = LeanLlama(model)
+    runner.lean.use_gguf(model, weights)
+    return runner
 
 
 def tiny_head(runner: TargetRunner, variant: str = "fspad", seed: int = 0, draft_vocab: int | None = None) -> DraftHead:

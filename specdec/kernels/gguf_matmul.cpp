@@ -1,115 +1,20 @@
-// y = x @ W.T for W stored in the GGUF's own blocks (Q4_1, Q8_0), float32 activations and
-// accumulation: the weights are decoded exactly (w = d*q + m, w = d*q) right before their
-// fused multiply-adds, so the result is the float32 product up to summation order while the
-// weights cost 4-5x fewer bytes to read. AVX2 + FMA; rows of W are split across threads.
+// Python bindings of the GGUF-block kernels: one product (`gguf_matmul`, see gguf_blocks.h) and
+// the whole decoder stack of a Llama-family target on such weights (`decoder_forward`, see
+// decoder.cpp).
 #include <torch/extension.h>
-#include <ATen/Parallel.h>
-#include <immintrin.h>
+
+#include "decoder.h"
+#include "gguf_blocks.h"
 
 namespace {
-
-constexpr int64_t kBlock = 32;  // elements per GGUF block (Q4_1 and Q8_0)
-
-inline float hsum(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_movehdup_ps(s));
-  return _mm_cvtss_f32(s);
-}
-
-// The 32 weights of block `g` of a Q4_1 row as four vectors: byte j holds element j in its low
-// nibble and element j + 16 in its high nibble (ggml's layout).
-inline void decode_q4_1(const uint8_t* qs, float d, float m, __m256 w[4]) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(qs));
-  const __m128i mask = _mm_set1_epi8(0x0F);
-  const __m128i lo = _mm_and_si128(bytes, mask);
-  const __m128i hi = _mm_and_si128(_mm_srli_epi16(bytes, 4), mask);
-  const __m256 vd = _mm256_set1_ps(d), vm = _mm256_set1_ps(m);
-  const __m128i parts[4] = {lo, _mm_srli_si128(lo, 8), hi, _mm_srli_si128(hi, 8)};
-  for (int i = 0; i < 4; ++i) {
-    w[i] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(parts[i])), vd, vm);
-  }
-}
-
-inline void decode_q8_0(const int8_t* qs, float d, __m256 w[4]) {
-  const __m256 vd = _mm256_set1_ps(d);
-  for (int i = 0; i < 4; ++i) {
-    const __m128i b = _mm_loadl_epi64(reinterpret_cast<const __m128i*>(qs + 8 * i));
-    w[i] = _mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b)), vd);
-  }
-}
-
-// One row of W against MR rows of x: each block of W is decoded once for all MR rows, and the
-// MR accumulators are independent FMA chains.
-template <bool Q4, int MR>
-void tile(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, float* y, int64_t N) {
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < K / kBlock; ++g) {
-    __m256 w[4];
-    if constexpr (Q4) {
-      decode_q4_1(qs + g * kBlock / 2, d[g], m[g], w);
-    } else {
-      decode_q8_0(reinterpret_cast<const int8_t*>(qs + g * kBlock), d[g], w);
-    }
-    for (int i = 0; i < 4; ++i)
-      for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + r * K + g * kBlock + 8 * i), acc[r]);
-  }
-  for (int r = 0; r < MR; ++r) y[r * N] = hsum(acc[r]);
-}
-
-// Rows n0..n1 of W against all M rows of x, up to 8 rows of x at a time (measured here: wider
-// tiles over several rows of W were no faster).
-template <bool Q4>
-void matmul_rows(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
-                 float* y, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t blocks = K / kBlock;
-  const int64_t row_bytes = Q4 ? K / 2 : K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* qn = qs + n * row_bytes;
-    const float* dn = d + n * blocks;
-    const float* mn = Q4 ? m + n * blocks : nullptr;
-    for (int64_t r = 0; r < M; r += 8) {
-      const float* xr = x + r * K;
-      float* yr = y + r * N + n;
-      switch (std::min<int64_t>(8, M - r)) {
-        case 1: tile<Q4, 1>(xr, K, qn, dn, mn, yr, N); break;
-        case 2: tile<Q4, 2>(xr, K, qn, dn, mn, yr, N); break;
-        case 3: tile<Q4, 3>(xr, K, qn, dn, mn, yr, N); break;
-        case 4: tile<Q4, 4>(xr, K, qn, dn, mn, yr, N); break;
-        case 5: tile<Q4, 5>(xr, K, qn, dn, mn, yr, N); break;
-        case 6: tile<Q4, 6>(xr, K, qn, dn, mn, yr, N); break;
-        case 7: tile<Q4, 7>(xr, K, qn, dn, mn, yr, N); break;
-        default: tile<Q4, 8>(xr, K, qn, dn, mn, yr, N); break;
-      }
-    }
-  }
-}
 
 // x: float32 [M, K] contiguous; qs: uint8 [N, K/2] (Q4_1) or [N, K] (Q8_0); d, m: float32
 // [N, K/32] (m empty for Q8_0). Returns float32 [M, N].
 torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m, bool q4) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [M, K]");
-  TORCH_CHECK(qs.scalar_type() == torch::kUInt8 && qs.is_contiguous(), "qs must be contiguous uint8");
-  TORCH_CHECK(d.scalar_type() == torch::kFloat32 && d.is_contiguous(), "d must be contiguous float32");
-  const int64_t M = x.size(0), K = x.size(1), N = qs.size(0);
-  TORCH_CHECK(K % kBlock == 0 && qs.size(1) == (q4 ? K / 2 : K) && d.size(0) == N && d.size(1) == K / kBlock,
-              "shapes of x, qs and d do not match");
-  TORCH_CHECK(!q4 || (m.scalar_type() == torch::kFloat32 && m.is_contiguous() && m.sizes() == d.sizes()),
-              "m must be float32 shaped like d");
-  auto y = torch::empty({M, N}, x.options());
-  const float* xp = x.data_ptr<float>();
-  const uint8_t* qp = qs.data_ptr<uint8_t>();
-  const float* dp = d.data_ptr<float>();
-  const float* mp = q4 ? m.data_ptr<float>() : nullptr;
-  float* yp = y.data_ptr<float>();
-  at::parallel_for(0, N, 64, [&](int64_t n0, int64_t n1) {
-    if (q4) {
-      matmul_rows<true>(xp, M, K, qp, dp, mp, yp, N, n0, n1);
-    } else {
-      matmul_rows<false>(xp, M, K, qp, dp, mp, yp, N, n0, n1);
-    }
-  });
+  const specdec::BlockWeight w = specdec::block_weight(qs, d, m, q4, x.size(1));
+  auto y = torch::empty({x.size(0), w.N}, x.options());
+  specdec::block_matmul(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>());
   return y;
 }
 
@@ -117,4 +22,6 @@ torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor d, to
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gguf_matmul", &gguf_matmul, "x @ W.T with W in GGUF Q4_1 or Q8_0 blocks (float32)");
+  module.def("decoder_forward", &specdec::decoder_forward,
+             "a Llama decoder stack on GGUF blocks over n <= 16 new tokens, writing their KV (see decoder.cpp)");
 }

@@ -1,0 +1,102 @@
+"""The C++ decoder stack (`kernels/decoder.cpp`) on a tiny target in GGUF blocks: it matches the
+Python forward on the same weights, and a token's logits inside a tree are bit-for-bit those of
+a one-token step, so greedy speculative decoding equals plain decoding exactly."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from specdec.gguf_linear import kernel
+from specdec.tree import DraftTree
+from tests.test_core_greedy import decode, prompt_for
+from tests.test_core_target import VOCAB, path_to, random_tree
+from tests.tiny import tiny_drafter, tiny_gguf_runner
+
+pytestmark = pytest.mark.skipif(kernel() is None, reason="no AVX2 CPU or no C++ compiler: no decoder stack")
+
+
+def run(runner, prompt: list[int], tree: DraftTree, stack: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prefill `prompt` and verify `tree` on a fresh state, with or without the C++ stack."""
+    saved = runner.lean._stack
+    runner.lean._stack = saved if stack else None
+    try:
+        state = runner.new_state(capacity=8)  # small, so the cache also grows mid-test
+        runner.prefill(state, prompt)
+        return runner.forward_tree(state, tree)
+    finally:
+        runner.lean._stack = saved
+
+
+def test_the_gguf_runner_uses_the_stack():
+    runner = tiny_gguf_runner()
+    assert runner.lean._stack is not None and len(runner.lean._stack.norms) == 2 * len(runner.lean.layers)
+    assert runner.lean._stack.q4.count(True) == 2 * len(runner.lean.layers)  # q/k/v fused, down
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_stack_matches_the_python_forward(seed):
+    rng = random.Random(seed)
+    runner = tiny_gguf_runner(seed)
+    prompt = [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 14))]
+    for tree in (DraftTree.single(prompt[-1]), random_tree(rng, prompt[-1], 1 + seed * 4)):
+        logits, features = run(runner, prompt[:-1], tree, stack=True)
+        ref_logits, ref_features = run(runner, prompt[:-1], tree, stack=False)
+        torch.testing.assert_close(features, ref_features, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-5)
+
+
+def test_stack_causal_chunk_after_a_prefix_matches_the_python_forward():
+    """A multi-token input without a mask (a prompt continued in chunks) is causal."""
+    runner = tiny_gguf_runner(5)
+    out = {}
+    for stack in (True, False):
+        runner.lean._stack, saved = (runner.lean._stack if stack else None), runner.lean._stack
+        state = runner.new_state()
+        runner.prefill(state, list(range(6)))
+        with torch.inference_mode():
+            out[stack] = runner.lean(torch.arange(10, 17), torch.arange(6, 13), state.cache, 6, None)
+        runner.lean._stack = saved
+    torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_tree_rows_equal_one_token_steps_bit_for_bit(seed):
+    rng = random.Random(seed)
+    runner = tiny_gguf_runner(seed)
+    prompt = [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 12))]
+    tree = random_tree(rng, prompt[-1], 12)
+    logits, features = run(runner, prompt[:-1], tree, stack=True)
+    for node in range(len(tree)):
+        state = runner.new_state()
+        runner.prefill(state, prompt[:-1])
+        for i in path_to(tree, node):
+            step_logits, step_features = runner.forward_tree(state, DraftTree.single(tree.tokens[i]))
+            runner.commit(state, [0])
+        assert torch.equal(step_logits[0], logits[node]) and torch.equal(step_features[0], features[node])
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_greedy_speculative_equals_plain_on_the_stack(seed):
+    runner = tiny_gguf_runner(seed)
+    prompt = prompt_for(seed)
+    plain, _ = decode(runner, prompt)
+    spec, _ = decode(runner, prompt, tiny_drafter(runner, seed=seed))
+    assert spec.token_ids == plain.token_ids and spec.stats.draft_tokens > 0
+
+
+def test_stack_refuses_bad_arguments():
+    runner = tiny_gguf_runner()
+    lean, stack = runner.lean, runner.lean._stack
+    cache = lean.new_cache(capacity=4)
+    x = lean.embed(torch.arange(3))
+    cos, sin = lean.cos[:3], lean.sin[:3]
+    args = (stack.norms, stack.blocks, stack.q4, lean.heads, lean.kv_heads, lean.scale, stack.eps)
+    with pytest.raises(RuntimeError, match="too small"):
+        stack.kernel.decoder_forward(x.clone(), cache.data, 2, cos, sin, None, *args)
+    with pytest.raises(RuntimeError, match="mask"):
+        stack.kernel.decoder_forward(x.clone(), cache.data, 0, cos, sin, torch.ones(3, 2, dtype=torch.bool), *args)
+    with pytest.raises(RuntimeError, match="per layer"):
+        stack.kernel.decoder_forward(x.clone(), cache.data, 0, cos, sin, None, stack.norms[:2], *args[1:])
