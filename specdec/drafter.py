@@ -22,7 +22,7 @@ from typing import Sequence
 import torch
 
 from specdec.config import ConfigError, TreeConfig
-from specdec.head import CONFIG_FILE, DraftHead, HeadCache, HeadConfig
+from specdec.head import CONFIG_FILE, DraftHead, HeadConfig
 from specdec.target import TargetRunner
 from specdec.tree import DraftTree, select_nodes, subtree
 
@@ -85,7 +85,7 @@ class HeadDraftSession(DraftSession):
         self.head, self.tree = head, tree
         param = head.fc.weight
         self.device, self.dtype = param.device, param.dtype
-        self.cache = HeadCache()
+        self.cache = head.new_draft_cache()
         self.tokens: list[int] = []
         self._pending: list[torch.Tensor] = []
         self._root_hidden: torch.Tensor | None = None
@@ -115,7 +115,7 @@ class HeadDraftSession(DraftSession):
         if start and count > 1:
             mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device)
             mask[:, start:] = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
-        hidden, feature = self.head(feats, nxt, positions, mask, self.cache)
+        hidden, feature = self.head.step(feats, nxt, positions, mask, self.cache)
         self._root_hidden, self._root_feature = hidden[-1], feature[-1]
         self._pending = []
 
@@ -160,7 +160,7 @@ class HeadDraftSession(DraftSession):
                     a = parents[a]
             ids = torch.tensor([tokens[n] for n in frontier], device=self.device)
             positions = torch.full((len(frontier),), committed + depth - 2, device=self.device)
-            hidden, feature = head(frontier_inputs, ids, positions, mask, self.cache)
+            hidden, feature = head.step(frontier_inputs, ids, positions, mask, self.cache)
             logp = torch.log_softmax(head.logits(hidden).float(), -1)
             top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
             cum = torch.tensor([scores[n] for n in frontier], device=logp.device)[:, None] + top.values
@@ -178,7 +178,7 @@ class HeadDraftSession(DraftSession):
 
     def close(self) -> None:
         self.closed = True
-        self.cache = HeadCache()
+        self.cache = self.head.new_draft_cache()
         self._pending = []
 
 

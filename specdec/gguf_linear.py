@@ -36,7 +36,7 @@ from specdec.packed import PackedLinear
 log = logging.getLogger(__name__)
 
 BLOCK = 32
-_KERNEL_SOURCES = [Path(__file__).resolve().parent / "kernels" / name for name in ("gguf_matmul.cpp", "decoder.cpp")]
+_KERNEL_SOURCES = [Path(__file__).resolve().parent / "kernels" / name for name in ("module.cpp", "decoder.cpp", "draft_head.cpp")]
 _BLOCK_BYTES = {"Q4_1": 20, "Q8_0": 34}
 
 

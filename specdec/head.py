@@ -30,7 +30,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from specdec.config import ConfigError
-from specdec.gguf_linear import GGUFLinear, quantize_linears, quantize_q8_0
+from specdec.gguf_linear import GGUFLinear, QuantWeight, quantize_linears, quantize_q8_0
+from specdec.llama import KVCache
 from specdec.packed import PackedLinear, pack_linears
 
 WEIGHTS_FILE = "head.safetensors"
@@ -90,8 +91,8 @@ class HeadConfig:
 
 
 class HeadCache:
-    """The head's own KV cache: [..., kv_heads, length, head_dim] tensors (one sequence when
-    drafting, a batch when training with unrolled steps)."""
+    """The head's KV cache in training (unrolled steps): [..., kv_heads, length, head_dim]
+    tensors grown by concatenation, which autograd follows. Drafting uses `DraftKV`."""
 
     def __init__(self) -> None:
         self.keys: torch.Tensor | None = None
@@ -111,6 +112,42 @@ class HeadCache:
             self.keys, self.values = self.keys[..., :length, :], self.values[..., :length, :]
 
 
+class DraftKV:
+    """The head's KV cache while drafting: one buffer written in place and grown by doubling
+    (`specdec.llama.KVCache`), as the C++ head forward needs; the Python forward appends to it
+    too. Training keeps `HeadCache`, whose concatenation autograd can see through."""
+
+    def __init__(self, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device | str, capacity: int = 256):
+        self.buffer = KVCache(1, kv_heads, head_dim, dtype, device, capacity)
+        self.length = 0
+
+    def reserve(self, rows: int) -> torch.Tensor:
+        """Room for `rows` more entries; returns the buffer [2, kv_heads, capacity, head_dim]."""
+        self.buffer.reserve(self.length + rows)
+        return self.buffer.data[0]
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + k.shape[-2]
+        data = self.reserve(k.shape[-2])
+        data[0, :, self.length : end], data[1, :, self.length : end] = k, v
+        self.length = end
+        return data[0, :, :end], data[1, :, :end]
+
+    def truncate(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+@dataclass(frozen=True)
+class _HeadStack:
+    """Arguments of the C++ head forward (`kernels/draft_head.cpp`): norm weights and the Q8_0
+    (qs, d, m) tensors of every projection, q/k/v and the MLP's gate/up fused."""
+
+    kernel: object
+    norms: list[torch.Tensor]
+    blocks: list[torch.Tensor]
+    max_rows: int  # larger inputs (a prompt's features) run the Python forward
+
+
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     a, b = x.chunk(2, dim=-1)
     return torch.cat([-b, a], dim=-1)
@@ -128,14 +165,18 @@ class _Attention(nn.Module):
         inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def rotary(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin [..., T, head_dim] at `positions` [..., T]."""
         angles = positions.float()[..., None] * self.inv_freq
         emb = torch.cat([angles, angles], dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _rope(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        cos, sin = self.rotary(positions, x.dtype)
         return x * cos.unsqueeze(-3) + _rotate_half(x) * sin.unsqueeze(-3)
 
     def forward(
-        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: HeadCache | None
+        self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: HeadCache | DraftKV | None
     ) -> torch.Tensor:
         """x: [..., T, d]; positions [..., T]; mask bool [T, S] (True = may attend) or None
         (causal). With a cache, S = cached + T."""
@@ -192,6 +233,7 @@ class DraftHead(nn.Module):
         self.register_buffer("draft_lm_head", torch.empty(0), persistent=False)
         # Set by `pack_for_inference`; in a list so that it is not a submodule (never saved).
         self._packed_lm_head: list[PackedLinear] = []
+        self._stack: _HeadStack | None = None  # set by `quantize_for_inference` (CPU, kernel built)
         self._refresh_lm_head()
         self.reset_parameters()
 
@@ -235,7 +277,51 @@ class DraftHead(nn.Module):
         self.pack_for_inference()
         if quantize_linears(self):
             self._packed_lm_head = [GGUFLinear(quantize_q8_0(self.draft_lm_head), self._packed_lm_head[0])]
+        self._prepare_stack()
         return self
+
+    def _prepare_stack(self) -> None:
+        """Hand the C++ head forward its weights when every projection is on Q8_0 blocks."""
+        attn, mlp = self.attn, self.mlp
+        groups = [[self.fc]]
+        norms = [self.input_norm, self.post_attn_norm]
+        if self.fs_mlp is not None:
+            groups += [[self.fs_mlp.gate_proj], [self.fs_mlp.up_proj], [self.fs_mlp.down_proj]]
+            norms.insert(0, self.fs_norm)
+        groups += [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
+        layers = [layer for group in groups for layer in group]
+        if not all(isinstance(layer, GGUFLinear) and layer.bias is None for layer in layers):
+            return
+        fused = [QuantWeight.cat([layer.quant for layer in group]) for group in groups]
+        self._stack = _HeadStack(
+            kernel=layers[0].kernel,
+            norms=[norm.weight.detach().float().contiguous() for norm in norms],
+            blocks=[t for quant in fused for t in (quant.qs, quant.d, quant.m)],
+            max_rows=min(layer.max_rows for layer in layers),
+        )
+
+    def new_draft_cache(self) -> DraftKV:
+        param = self.fc.weight
+        return DraftKV(self.cfg.num_key_value_heads, self.cfg.head_dim, param.dtype, param.device)
+
+    def step(
+        self, features: torch.Tensor, next_tokens: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None, cache: DraftKV
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`forward` for drafting (features [T, d], one sequence, inference): in one C++ call
+        when the head runs on Q8_0 blocks and T is small, else the module's own forward."""
+        stack, rows = self._stack, features.shape[0]
+        if stack is None or rows > stack.max_rows or features.dim() != 2:
+            return self(features, next_tokens, positions, mask, cache)
+        emb = self.embed_tokens[0](next_tokens).to(features.dtype)
+        cos, sin = self.attn.rotary(positions, features.dtype)
+        cfg = self.cfg
+        out = stack.kernel.head_forward(
+            emb.contiguous(), features.contiguous(), cache.reserve(rows), cache.length, cos, sin, mask,
+            stack.norms, stack.blocks, cfg.feature_sampling, cfg.partial_alignment,
+            cfg.num_attention_heads, cfg.num_key_value_heads, 1.0 / math.sqrt(cfg.head_dim), cfg.rms_norm_eps,
+        )
+        cache.length += rows
+        return out
 
     def forward(
         self,

@@ -1,6 +1,8 @@
-"""The C++ decoder stack (`kernels/decoder.cpp`) on a tiny target in GGUF blocks: it matches the
-Python forward on the same weights, and a token's logits inside a tree are bit-for-bit those of
-a one-token step, so greedy speculative decoding equals plain decoding exactly."""
+"""The C++ forwards on GGUF blocks, on tiny models. The target's decoder stack
+(`kernels/decoder.cpp`) matches the Python forward on the same weights, and a token's logits
+inside a tree are bit-for-bit those of a one-token step, so greedy speculative decoding equals
+plain decoding exactly. The draft head's forward (`kernels/draft_head.cpp`) matches the head
+module on its Q8_0 weights for every variant."""
 
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from specdec.gguf_linear import kernel
 from specdec.tree import DraftTree
 from tests.test_core_greedy import decode, prompt_for
 from tests.test_core_target import VOCAB, path_to, random_tree
-from tests.tiny import tiny_drafter, tiny_gguf_runner
+from tests.tiny import tiny_drafter, tiny_gguf_runner, tiny_head, tiny_runner
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="no AVX2 CPU or no C++ compiler: no decoder stack")
 
@@ -83,8 +85,42 @@ def test_greedy_speculative_equals_plain_on_the_stack(seed):
     runner = tiny_gguf_runner(seed)
     prompt = prompt_for(seed)
     plain, _ = decode(runner, prompt)
-    spec, _ = decode(runner, prompt, tiny_drafter(runner, seed=seed))
+    drafter = tiny_drafter(runner, seed=seed, variant="fspad" if seed % 2 else "eagle2")
+    assert drafter.head._stack is not None
+    spec, _ = decode(runner, prompt, drafter)
     assert spec.token_ids == plain.token_ids and spec.stats.draft_tokens > 0
+
+
+@pytest.mark.parametrize(
+    "variant, switches",
+    [("fspad", {}), ("eagle2", {}), ("fspad", {"feature_sampling": False}), ("fspad", {"partial_alignment": False})],
+)
+def test_head_step_matches_the_module_forward(variant, switches):
+    """A prompt's pairs, then a masked batch of tree nodes on top of them, as a proposal runs."""
+    runner = tiny_runner(1)
+    head = tiny_head(runner, variant)
+    if switches:
+        from specdec.head import DraftHead, HeadConfig
+
+        cfg = HeadConfig.for_target(runner.config, variant, target=runner.name, **switches)
+        head = DraftHead(cfg, runner.embed_tokens, runner.lm_head.weight)
+    head.eval().quantize_for_inference()
+    stack = head._stack
+    assert stack is not None and len(stack.norms) == (3 if head.cfg.feature_sampling else 2)
+    gen = torch.Generator().manual_seed(0)
+    feats, tokens = torch.randn(9, 32, generator=gen), torch.randint(0, VOCAB, (9,), generator=gen)
+    mask = torch.ones(3, 9, dtype=torch.bool)
+    mask[:, 6:] = torch.tensor([[1, 0, 0], [1, 1, 0], [1, 0, 1]], dtype=torch.bool)
+    out = {}
+    with torch.inference_mode():
+        for fused in (True, False):
+            head._stack = stack if fused else None
+            cache = head.new_draft_cache()
+            first = head.step(feats[:6], tokens[:6], torch.arange(6), None, cache)
+            second = head.step(feats[6:], tokens[6:], torch.tensor([6, 7, 7]), mask, cache)
+            out[fused] = [*first, *second, cache.buffer.data[0, :, :, : cache.length]]
+    for fused, plain in zip(out[True], out[False]):
+        torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
 
 
 def test_stack_refuses_bad_arguments():

@@ -1,9 +1,9 @@
-// Python bindings of the GGUF-block kernels: one product (`gguf_matmul`, see gguf_blocks.h) and
-// the whole decoder stack of a Llama-family target on such weights (`decoder_forward`, see
-// decoder.cpp).
+// Python bindings of the GGUF-block kernels: one product (`gguf_matmul`, see gguf_blocks.h), the
+// decoder stack of a Llama-family target (`decoder_forward`, decoder.cpp) and the draft head's
+// forward (`head_forward`, draft_head.cpp) on such weights.
 #include <torch/extension.h>
 
-#include "decoder.h"
+#include "stacks.h"
 #include "gguf_blocks.h"
 
 namespace {
@@ -24,4 +24,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
   module.def("gguf_matmul", &gguf_matmul, "x @ W.T with W in GGUF Q4_1 or Q8_0 blocks (float32)");
   module.def("decoder_forward", &specdec::decoder_forward,
              "a Llama decoder stack on GGUF blocks over n <= 16 new tokens, writing their KV (see decoder.cpp)");
+  module.def("head_forward", &specdec::head_forward,
+             "the FSPAD / EAGLE-2 draft head on Q8_0 blocks over n new pairs, writing their KV (see draft_head.cpp)");
 }

@@ -1,0 +1,101 @@
+// The draft head's forward (specdec/head.py: FSPAD or plain EAGLE-2) over n new (feature, token)
+// pairs on Q8_0 blocks, in one call from Python.
+//
+// Why: a proposal runs the head once per tree depth on a handful of rows; in Python each run
+// was some forty small tensor ops, about as long as the head's matrix products themselves.
+// The math is the module's, step for step: h = fc([emb, f]); with feature sampling
+// h += down(silu(gate(emb)) * up(norm(h))); a = h + attention(norm(h)); m = mlp(norm(a));
+// out = [a, a] + m with partial alignment (first half for the LM head, second half the predicted
+// feature), else a + m for both.
+#include "layer_ops.h"
+#include "stacks.h"
+
+namespace specdec {
+
+// emb, features: float32 [n, d]. kv: float32 [2, hk, capacity, hd], the head's cache; the new
+// keys and values go to slots start..start+n-1. cos, sin: [n, hd]; mask as in decoder_forward.
+// norms: [feature-sampling norm,] input norm, post-attention norm. blocks: (qs, d, m) of fc,
+// [feature sampling's gate, up, down,] the fused q/k/v, output, fused gate/up and down, all Q8_0.
+// Returns (logit hidden [n, d], predicted feature [n, d]).
+std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::Tensor features, torch::Tensor kv, int64_t start,
+                                                     torch::Tensor cos, torch::Tensor sin, std::optional<torch::Tensor> mask,
+                                                     std::vector<torch::Tensor> norms, std::vector<torch::Tensor> blocks,
+                                                     bool feature_sampling, bool partial_alignment, int64_t heads,
+                                                     int64_t kv_heads, double scale, double eps) {
+  TORCH_CHECK(emb.scalar_type() == torch::kFloat32 && emb.dim() == 2 && emb.is_contiguous() && features.sizes() == emb.sizes() &&
+                  features.scalar_type() == torch::kFloat32 && features.is_contiguous(),
+              "emb and features must be contiguous float32 [n, d]");
+  TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 4 && kv.is_contiguous() && kv.size(0) == 2,
+              "kv must be contiguous float32 [2, hk, cap, hd]");
+  const int64_t n = emb.size(0), d = emb.size(1), hk = kv.size(1), capacity = kv.size(2), hd = kv.size(3);
+  const int64_t end = start + n;
+  TORCH_CHECK(hk == kv_heads && heads % kv_heads == 0 && hd % 8 == 0 && d % 8 == 0, "unsupported head layout");
+  TORCH_CHECK(end <= capacity, "the KV cache is too small");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.size(0) == n && cos.size(1) == hd &&
+                  sin.sizes() == cos.sizes() && sin.is_contiguous(),
+              "cos and sin must be contiguous float32 [n, hd]");
+  const size_t projections = feature_sampling ? 8 : 5;
+  TORCH_CHECK(norms.size() == (feature_sampling ? 3u : 2u) && blocks.size() == 3 * projections,
+              "expected the norms and projections of this head variant");
+  for (const auto& w : norms) TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.numel() == d, "norm weights must be float32 [d]");
+  const bool* mask_ptr = mask_pointer(mask, n, end);
+  size_t next = 0;
+  const auto weight = [&](int64_t in, int64_t out) {
+    const BlockWeight w = block_weight(blocks[next], blocks[next + 1], blocks[next + 2], false, in);
+    TORCH_CHECK(out < 0 || w.N == out, "projection shapes do not match the head");
+    next += 3;
+    return w;
+  };
+  const BlockWeight fc = weight(2 * d, d);
+  const int64_t qkv_width = (heads + 2 * kv_heads) * hd;
+  const auto opts = emb.options();
+  torch::Tensor x2 = torch::cat({emb, features}, 1), h = torch::empty({n, d}, opts), normed = torch::empty({n, d}, opts),
+                proj = torch::empty({n, d}, opts);
+  float *hp = h.data_ptr<float>(), *np = normed.data_ptr<float>(), *pp = proj.data_ptr<float>();
+  const float feps = static_cast<float>(eps);
+  block_matmul(x2.data_ptr<float>(), n, fc, hp);
+  size_t norm = 0;
+  if (feature_sampling) {
+    const BlockWeight gate = weight(d, -1), up = weight(d, gate.N), down = weight(gate.N, d);
+    TORCH_CHECK(gate.N % 8 == 0, "the MLP width must be a multiple of 8");
+    torch::Tensor g = torch::empty({n, gate.N}, opts), u = torch::empty({n, gate.N}, opts), act = torch::empty({n, gate.N}, opts);
+    rms_norm(hp, norms[norm++].data_ptr<float>(), n, d, feps, np);
+    block_matmul(emb.data_ptr<float>(), n, gate, g.data_ptr<float>());
+    block_matmul(np, n, up, u.data_ptr<float>());
+    silu_mul(g.data_ptr<float>(), u.data_ptr<float>(), gate.N, n, gate.N, act.data_ptr<float>());
+    block_matmul(act.data_ptr<float>(), n, down, pp);
+    for (int64_t j = 0; j < n * d; ++j) hp[j] += pp[j];
+  }
+  const BlockWeight wqkv = weight(d, qkv_width), wo = weight(heads * hd, d), wgu = weight(d, -1);
+  const int64_t inner = wgu.N / 2;
+  const int64_t width = partial_alignment ? 2 * d : d;
+  const BlockWeight wdown = weight(inner, width);
+  TORCH_CHECK(inner % 8 == 0, "the MLP width must be a multiple of 8");
+  torch::Tensor qkv = torch::empty({n, qkv_width}, opts), att = torch::empty({n, heads * hd}, opts),
+                gate_up = torch::empty({n, 2 * inner}, opts), act = torch::empty({n, inner}, opts),
+                mlp = torch::empty({n, width}, opts);
+  float *qp = qkv.data_ptr<float>(), *ap = att.data_ptr<float>(), *gp = gate_up.data_ptr<float>(), *mp = mlp.data_ptr<float>();
+  rms_norm(hp, norms[norm++].data_ptr<float>(), n, d, feps, np);
+  block_matmul(np, n, wqkv, qp);
+  float* keys = kv.data_ptr<float>();
+  float* values = keys + hk * capacity * hd;
+  rotate_and_store(qp, n, heads, hk, hd, cos.data_ptr<float>(), sin.data_ptr<float>(), keys, values, capacity, start);
+  Attention{qp, keys, values, mask_ptr, n, start, end, heads, hk, hd, capacity, static_cast<float>(scale), ap}.run();
+  block_matmul(ap, n, wo, pp);
+  for (int64_t j = 0; j < n * d; ++j) hp[j] += pp[j];  // h is now the attention block's output a
+  rms_norm(hp, norms[norm++].data_ptr<float>(), n, d, feps, np);
+  block_matmul(np, n, wgu, gp);
+  silu_mul(gp, gp + inner, 2 * inner, n, inner, act.data_ptr<float>());
+  block_matmul(act.data_ptr<float>(), n, wdown, mp);
+  torch::Tensor logit_hidden = torch::empty({n, d}, opts), feature = partial_alignment ? torch::empty({n, d}, opts) : logit_hidden;
+  float *lp = logit_hidden.data_ptr<float>(), *fp = feature.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    for (int64_t j = 0; j < d; ++j) {
+      lp[i * d + j] = hp[i * d + j] + mp[i * width + j];
+      if (partial_alignment) fp[i * d + j] = hp[i * d + j] + mp[i * width + d + j];
+    }
+  }
+  return {logit_hidden, feature};
+}
+
+}  // namespace specdec

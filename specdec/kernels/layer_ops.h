@@ -1,0 +1,156 @@
+// Building blocks of a Llama decoder layer on float32 rows, shared by the target's decoder
+// stack (decoder.cpp) and the draft head (draft_head.cpp). Each row is computed by the same
+// operations whatever the other rows of the call are, so results never depend on batching.
+#pragma once
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <optional>
+#include <vector>
+
+#include "gguf_blocks.h"
+
+namespace specdec {
+
+
+// e^x for x <= 0 (softmax after subtracting the maximum, SiLU of a negated input): Cody-Waite
+// range reduction and a degree-6 polynomial, about 1 ulp; inputs below -87 give ~1e-38.
+inline __m256 exp256(__m256 x) {
+  x = _mm256_max_ps(_mm256_min_ps(x, _mm256_set1_ps(88.0f)), _mm256_set1_ps(-87.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
+  x = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), x);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, x, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(x, x), _mm256_add_ps(x, _mm256_set1_ps(1.0f)));
+  const __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+}
+
+inline float dot(const float* a, const float* b, int64_t len) {
+  __m256 acc = _mm256_setzero_ps();
+  for (int64_t j = 0; j < len; j += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(a + j), _mm256_loadu_ps(b + j), acc);
+  return hsum(acc);
+}
+
+// out[i] = x[i] * rsqrt(mean(x[i]^2) + eps) * w, as transformers' LlamaRMSNorm in float32.
+inline void rms_norm(const float* x, const float* w, int64_t n, int64_t d, float eps, float* out) {
+  for (int64_t i = 0; i < n; ++i) {
+    const float* xi = x + i * d;
+    const float inv = 1.0f / std::sqrt(dot(xi, xi, d) / static_cast<float>(d) + eps);
+    for (int64_t j = 0; j < d; ++j) out[i * d + j] = w[j] * (xi[j] * inv);
+  }
+}
+
+// Rotary embedding in place on `count` heads of one row: (a, b) -> (a cos - b sin, b cos + a sin)
+// over the two halves of each head, as transformers' rotate_half form.
+inline void rotate(float* x, int64_t count, int64_t hd, const float* cos, const float* sin) {
+  const int64_t half = hd / 2;
+  for (int64_t h = 0; h < count; ++h, x += hd) {
+    for (int64_t j = 0; j < half; ++j) {
+      const float a = x[j], b = x[j + half];
+      x[j] = a * cos[j] + (-b) * sin[j];
+      x[j + half] = b * cos[j + half] + a * sin[j + half];
+    }
+  }
+}
+
+// out[i] = silu(gate[i]) * up[i] over `inner` columns, silu(g) = g / (1 + e^-g); gate and up
+// rows are `stride` floats apart (a fused gate/up product: the two halves of one row).
+inline void silu_mul(const float* gate, const float* up, int64_t stride, int64_t n, int64_t inner, float* out) {
+  const __m256 one = _mm256_set1_ps(1.0f);
+  for (int64_t i = 0; i < n; ++i) {
+    const float* g = gate + i * stride;
+    const float* u = up + i * stride;
+    for (int64_t j = 0; j < inner; j += 8) {
+      const __m256 gv = _mm256_loadu_ps(g + j);
+      // sigmoid as 1 / (1 + e^-g) for g >= 0 and e^g / (1 + e^g) for g < 0: exp's input stays <= 0.
+      const __m256 neg = _mm256_cmp_ps(gv, _mm256_setzero_ps(), _CMP_LT_OQ);
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_andnot_ps(_mm256_set1_ps(-0.0f), gv)));
+      const __m256 sig = _mm256_blendv_ps(_mm256_div_ps(one, _mm256_add_ps(one, e)), _mm256_div_ps(e, _mm256_add_ps(one, e)), neg);
+      _mm256_storeu_ps(out + i * inner + j, _mm256_mul_ps(_mm256_mul_ps(gv, sig), _mm256_loadu_ps(u + j)));
+    }
+  }
+}
+
+// Rotate the q and k heads of each qkv row ([n, (hq + 2 hk) * hd]) at its position and store the
+// row's keys and values at cache slots start + i (keys, values: [hk, capacity, hd]).
+inline void rotate_and_store(float* qkv, int64_t n, int64_t hq, int64_t hk, int64_t hd, const float* cos, const float* sin,
+                             float* keys, float* values, int64_t capacity, int64_t start) {
+  const int64_t width = (hq + 2 * hk) * hd;
+  for (int64_t i = 0; i < n; ++i) {
+    float* row = qkv + i * width;
+    rotate(row, hq + hk, hd, cos + i * hd, sin + i * hd);
+    for (int64_t g = 0; g < hk; ++g) {
+      std::copy_n(row + (hq + g) * hd, hd, keys + (g * capacity + start + i) * hd);
+      std::copy_n(row + (hq + hk + g) * hd, hd, values + (g * capacity + start + i) * hd);
+    }
+  }
+}
+
+struct Attention {
+  const float* qkv;    // [n, (hq + 2 hk) * hd], rotated
+  const float* keys;   // [hk, capacity, hd] of this layer
+  const float* values;
+  const bool* mask;    // [n, end] or nullptr (causal)
+  int64_t n, start, end, hq, hk, hd, capacity;
+  float scale;
+  float* out;          // [n, hq * hd]
+
+  // Query row i, head h: softmax over the visible slots (in slot order) of q.k * scale, times v.
+  void row(int64_t i, int64_t h, std::vector<int64_t>& slots, std::vector<float>& p) const {
+    const int64_t g = h / (hq / hk);
+    const float* q = qkv + i * (hq + 2 * hk) * hd + h * hd;
+    const float* kg = keys + g * capacity * hd;
+    const float* vg = values + g * capacity * hd;
+    slots.clear();
+    for (int64_t j = 0; j < end; ++j) {
+      if (mask ? mask[i * end + j] : j <= start + i) slots.push_back(j);
+    }
+    const int64_t count = static_cast<int64_t>(slots.size());
+    const int64_t padded = (count + 7) / 8 * 8;
+    p.assign(padded, -std::numeric_limits<float>::infinity());
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t s = 0; s < count; ++s) {
+      p[s] = dot(q, kg + slots[s] * hd, hd) * scale;
+      top = std::max(top, p[s]);
+    }
+    const __m256 vtop = _mm256_set1_ps(top);
+    for (int64_t s = 0; s < padded; s += 8) _mm256_storeu_ps(&p[s], exp256(_mm256_sub_ps(_mm256_loadu_ps(&p[s]), vtop)));
+    float total = 0.0f;
+    for (int64_t s = 0; s < count; ++s) total += p[s];
+    float* o = out + i * hq * hd + h * hd;
+    for (int64_t j = 0; j < hd; ++j) o[j] = 0.0f;
+    for (int64_t s = 0; s < count; ++s) {
+      const __m256 w = _mm256_set1_ps(p[s]);
+      const float* v = vg + slots[s] * hd;
+      for (int64_t j = 0; j < hd; j += 8) _mm256_storeu_ps(o + j, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + j), _mm256_loadu_ps(o + j)));
+    }
+    const float inv = 1.0f / total;
+    for (int64_t j = 0; j < hd; ++j) o[j] *= inv;
+  }
+
+  void run() const {
+    at::parallel_for(0, n * hq, 1, [&](int64_t b, int64_t e) {
+      std::vector<int64_t> slots;
+      std::vector<float> p;
+      for (int64_t t = b; t < e; ++t) row(t / hq, t % hq, slots, p);
+    });
+  }
+};
+
+// The C++ view of a `mask` argument: bool [n, end] (True = may attend), or nullptr for causal.
+inline const bool* mask_pointer(const std::optional<torch::Tensor>& mask, int64_t n, int64_t end) {
+  if (!mask.has_value()) return nullptr;
+  TORCH_CHECK(mask->scalar_type() == torch::kBool && mask->dim() == 2 && mask->size(0) == n && mask->size(1) == end &&
+                  mask->is_contiguous(),
+              "mask must be contiguous bool [n, start + n]");
+  return mask->data_ptr<bool>();
+}
+
+}  // namespace specdec

@@ -1,0 +1,24 @@
+// Whole forward passes on GGUF blocks in one call each: the target's decoder stack
+// (decoder.cpp) and the draft head (draft_head.cpp).
+#pragma once
+
+#include <torch/extension.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+namespace specdec {
+
+torch::Tensor decoder_forward(torch::Tensor x, torch::Tensor kv, int64_t start, torch::Tensor cos, torch::Tensor sin,
+                              std::optional<torch::Tensor> mask, std::vector<torch::Tensor> norms,
+                              std::vector<torch::Tensor> blocks, std::vector<bool> q4, int64_t heads, int64_t kv_heads,
+                              double scale, double eps);
+
+std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::Tensor features, torch::Tensor kv, int64_t start,
+                                                     torch::Tensor cos, torch::Tensor sin, std::optional<torch::Tensor> mask,
+                                                     std::vector<torch::Tensor> norms, std::vector<torch::Tensor> blocks,
+                                                     bool feature_sampling, bool partial_alignment, int64_t heads,
+                                                     int64_t kv_heads, double scale, double eps);
+
+}  // namespace specdec
