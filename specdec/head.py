@@ -31,7 +31,7 @@ from torch import nn
 
 from specdec.config import ConfigError
 from specdec.gguf_linear import GGUFLinear, QuantWeight, quantize_linears, quantize_q8_0
-from specdec.llama import KVCache
+from specdec.llama import STACK_HEAD_DIMS, KVCache
 from specdec.packed import PackedLinear, pack_linears
 
 WEIGHTS_FILE = "head.safetensors"
@@ -145,6 +145,7 @@ class _HeadStack:
     kernel: object
     norms: list[torch.Tensor]
     blocks: list[torch.Tensor]
+    int8_activations: bool
     max_rows: int  # larger inputs (a prompt's features) run the Python forward
 
 
@@ -269,14 +270,17 @@ class DraftHead(nn.Module):
             self._packed_lm_head = [PackedLinear(self.draft_lm_head)]
         return self
 
-    def quantize_for_inference(self) -> "DraftHead":
+    def quantize_for_inference(self, int8_activations: bool = True) -> "DraftHead":
         """Pack the head (`pack_for_inference`), then run its linear layers and draft LM head on
-        Q8_0 blocks where the kernel builds (`specdec.gguf_linear`: CPU, float32). Lossy, which
-        a drafter may be: its trees are proposals the target verifies. About 3.5x fewer bytes
-        per draft step, and drafting on this CPU is bound by reading weights."""
+        Q8_0 blocks where the kernel builds (`specdec.gguf_linear`: CPU, float32), with int8
+        activations unless told otherwise, and its whole forward in one C++ call (`step`).
+        Lossy, which a drafter may be: its trees are proposals the target verifies. Drafting on
+        this CPU is bound by the products' arithmetic: Q8_0 weights read 3.8x fewer bytes than
+        float32, and int8 activations make each block's dot product integer arithmetic."""
         self.pack_for_inference()
-        if quantize_linears(self):
-            self._packed_lm_head = [GGUFLinear(quantize_q8_0(self.draft_lm_head), self._packed_lm_head[0])]
+        if quantize_linears(self, int8_activations=int8_activations):
+            lm_head = GGUFLinear(quantize_q8_0(self.draft_lm_head), self._packed_lm_head[0], int8_activations=int8_activations)
+            self._packed_lm_head = [lm_head]
         self._prepare_stack()
         return self
 
@@ -290,13 +294,16 @@ class DraftHead(nn.Module):
             norms.insert(0, self.fs_norm)
         groups += [[attn.q_proj, attn.k_proj, attn.v_proj], [attn.o_proj], [mlp.gate_proj, mlp.up_proj], [mlp.down_proj]]
         layers = [layer for group in groups for layer in group]
-        if not all(isinstance(layer, GGUFLinear) and layer.bias is None for layer in layers):
+        if self.cfg.head_dim not in STACK_HEAD_DIMS or not all(isinstance(layer, GGUFLinear) and layer.bias is None for layer in layers):
             return
+        if len({layer.int8_activations for layer in layers}) != 1:
+            raise ValueError("the head's layers disagree on int8 activations")
         fused = [QuantWeight.cat([layer.quant for layer in group]) for group in groups]
         self._stack = _HeadStack(
             kernel=layers[0].kernel,
             norms=[norm.weight.detach().float().contiguous() for norm in norms],
             blocks=[t for quant in fused for t in (quant.qs, quant.d, quant.m)],
+            int8_activations=layers[0].int8_activations,
             max_rows=min(layer.max_rows for layer in layers),
         )
 
@@ -319,6 +326,7 @@ class DraftHead(nn.Module):
             emb.contiguous(), features.contiguous(), cache.reserve(rows), cache.length, cos, sin, mask,
             stack.norms, stack.blocks, cfg.feature_sampling, cfg.partial_alignment,
             cfg.num_attention_heads, cfg.num_key_value_heads, 1.0 / math.sqrt(cfg.head_dim), cfg.rms_norm_eps,
+            stack.int8_activations,
         )
         cache.length += rows
         return out

@@ -75,6 +75,9 @@ class _RMSNorm:
         return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
 
 
+STACK_HEAD_DIMS = (8, 16, 32, 64, 128)  # what the C++ attention is built for (kernels/layer_ops.h)
+
+
 @dataclass(frozen=True)
 class _Stack:
     """The C++ decoder stack's arguments: per layer two norm weights and the (qs, d, m) block
@@ -160,7 +163,11 @@ class LeanLlama(nn.Module):
         """Hand the C++ decoder stack its weights when every projection is on GGUF blocks."""
         projections = [getattr(layer, name) for layer in self.layers for name in ("qkv", "o", "gate_up", "down")]
         norms = [norm for layer in self.layers for norm in (layer.input_norm, layer.post_norm)]
-        if not all(isinstance(p, GGUFLinear) and p.bias is None for p in projections) or len({n.eps for n in norms}) != 1:
+        if (
+            not all(isinstance(p, GGUFLinear) and p.bias is None for p in projections)
+            or len({n.eps for n in norms}) != 1
+            or self.head_dim not in STACK_HEAD_DIMS
+        ):
             return
         self._stack = _Stack(
             kernel=projections[0].kernel,

@@ -48,6 +48,25 @@ def test_kernel_equals_the_float32_product_of_the_decoded_weights(q4, rows):
         torch.testing.assert_close(layer(x[None]), F.linear(x, weight)[None], atol=2e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
+def test_int8_activations_err_by_at_most_their_rounding(rows):
+    """x rounded to int8 per block of 32 moves each element by at most half its block's step
+    d = max|x| / 127, so |y - x @ W.T| <= sum over blocks of d/2 * sum |w| (plus float slack)."""
+    quant = random_quant(40, 128, False, seed=rows)
+    weight = quant.dequantize()
+    x = torch.randn(rows, 128)
+    layer = GGUFLinear(quant, PackedLinear(weight), int8_activations=True)
+    with torch.inference_mode():
+        y = layer(x)
+    step = x.view(rows, 4, 32).abs().amax(-1) / 127
+    bound = (step[:, None, :] / 2 * weight.abs().view(40, 4, 32).sum(-1)[None]).sum(-1)
+    error = (y - F.linear(x, weight)).abs()
+    assert (error <= bound + 1e-4).all()
+    assert error.max() > 0  # really quantized
+    with pytest.raises(ValueError):
+        GGUFLinear(random_quant(8, 32, True), PackedLinear(torch.zeros(8, 32)), int8_activations=True)
+
+
 def test_decoding_follows_ggml_nibble_order_and_formulas():
     qs = torch.zeros(1, 16, dtype=torch.uint8)
     qs[0, 0] = 0x3 | (0xA << 4)  # element 0 is the low nibble, element 16 the high one

@@ -104,7 +104,7 @@ def test_head_step_matches_the_module_forward(variant, switches):
 
         cfg = HeadConfig.for_target(runner.config, variant, target=runner.name, **switches)
         head = DraftHead(cfg, runner.embed_tokens, runner.lm_head.weight)
-    head.eval().quantize_for_inference()
+    head.eval().quantize_for_inference(int8_activations=False)
     stack = head._stack
     assert stack is not None and len(stack.norms) == (3 if head.cfg.feature_sampling else 2)
     gen = torch.Generator().manual_seed(0)
@@ -136,3 +136,18 @@ def test_stack_refuses_bad_arguments():
         stack.kernel.decoder_forward(x.clone(), cache.data, 0, cos, sin, torch.ones(3, 2, dtype=torch.bool), *args)
     with pytest.raises(RuntimeError, match="per layer"):
         stack.kernel.decoder_forward(x.clone(), cache.data, 0, cos, sin, None, stack.norms[:2], *args[1:])
+
+
+def test_head_step_with_int8_activations_stays_close_to_float_activations():
+    runner = tiny_runner(2)
+    feats, tokens = torch.randn(5, 32, generator=torch.Generator().manual_seed(1)), torch.arange(5)
+    out = {}
+    with torch.inference_mode():
+        for int8 in (True, False):
+            head = tiny_head(runner).eval().quantize_for_inference(int8_activations=int8)
+            assert head._stack.int8_activations == int8
+            hidden, feature = head.step(feats, tokens, torch.arange(5), None, head.new_draft_cache())
+            out[int8] = (head.logits(hidden), feature)
+    assert not torch.equal(out[True][0], out[False][0])
+    for int8, plain in zip(out[True], out[False]):
+        torch.testing.assert_close(int8, plain, atol=0.05, rtol=0.05)

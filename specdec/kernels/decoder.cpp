@@ -31,7 +31,7 @@ torch::Tensor decoder_forward(torch::Tensor x, torch::Tensor kv, int64_t start, 
   TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 5 && kv.is_contiguous(), "kv must be contiguous float32 [L, 2, hk, cap, hd]");
   const int64_t n = x.size(0), d = x.size(1), layers = kv.size(0), hk = kv.size(2), capacity = kv.size(3), hd = kv.size(4);
   const int64_t end = start + n;
-  TORCH_CHECK(hk == kv_heads && heads % kv_heads == 0 && hd % 8 == 0 && d % 8 == 0, "unsupported head layout");
+  TORCH_CHECK(hk == kv_heads && heads % kv_heads == 0 && supported_head_dim(hd) && d % 8 == 0, "unsupported head layout");
   TORCH_CHECK(end <= capacity, "the KV cache is too small");
   TORCH_CHECK(norms.size() == static_cast<size_t>(2 * layers) && blocks.size() == static_cast<size_t>(12 * layers) &&
                   q4.size() == static_cast<size_t>(4 * layers),

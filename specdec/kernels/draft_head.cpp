@@ -16,12 +16,14 @@ namespace specdec {
 // keys and values go to slots start..start+n-1. cos, sin: [n, hd]; mask as in decoder_forward.
 // norms: [feature-sampling norm,] input norm, post-attention norm. blocks: (qs, d, m) of fc,
 // [feature sampling's gate, up, down,] the fused q/k/v, output, fused gate/up and down, all Q8_0.
-// Returns (logit hidden [n, d], predicted feature [n, d]).
+// int8_activations: every product quantizes its input to int8 blocks (gguf_blocks.h; lossy, as a
+// proposal may be). Returns (logit hidden [n, d], predicted feature [n, d]).
 std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::Tensor features, torch::Tensor kv, int64_t start,
                                                      torch::Tensor cos, torch::Tensor sin, std::optional<torch::Tensor> mask,
                                                      std::vector<torch::Tensor> norms, std::vector<torch::Tensor> blocks,
                                                      bool feature_sampling, bool partial_alignment, int64_t heads,
-                                                     int64_t kv_heads, double scale, double eps) {
+                                                     int64_t kv_heads, double scale, double eps,
+                                                     bool int8_activations) {
   TORCH_CHECK(emb.scalar_type() == torch::kFloat32 && emb.dim() == 2 && emb.is_contiguous() && features.sizes() == emb.sizes() &&
                   features.scalar_type() == torch::kFloat32 && features.is_contiguous(),
               "emb and features must be contiguous float32 [n, d]");
@@ -29,7 +31,7 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
               "kv must be contiguous float32 [2, hk, cap, hd]");
   const int64_t n = emb.size(0), d = emb.size(1), hk = kv.size(1), capacity = kv.size(2), hd = kv.size(3);
   const int64_t end = start + n;
-  TORCH_CHECK(hk == kv_heads && heads % kv_heads == 0 && hd % 8 == 0 && d % 8 == 0, "unsupported head layout");
+  TORCH_CHECK(hk == kv_heads && heads % kv_heads == 0 && supported_head_dim(hd) && d % 8 == 0, "unsupported head layout");
   TORCH_CHECK(end <= capacity, "the KV cache is too small");
   TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.size(0) == n && cos.size(1) == hd &&
                   sin.sizes() == cos.sizes() && sin.is_contiguous(),
@@ -46,6 +48,13 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
     next += 3;
     return w;
   };
+  const auto mm = [int8_activations](const float* x, int64_t rows, const BlockWeight& w, float* y) {
+    if (int8_activations) {
+      block_matmul_q8(x, rows, w, y);
+    } else {
+      block_matmul(x, rows, w, y);
+    }
+  };
   const BlockWeight fc = weight(2 * d, d);
   const int64_t qkv_width = (heads + 2 * kv_heads) * hd;
   const auto opts = emb.options();
@@ -53,17 +62,17 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
                 proj = torch::empty({n, d}, opts);
   float *hp = h.data_ptr<float>(), *np = normed.data_ptr<float>(), *pp = proj.data_ptr<float>();
   const float feps = static_cast<float>(eps);
-  block_matmul(x2.data_ptr<float>(), n, fc, hp);
+  mm(x2.data_ptr<float>(), n, fc, hp);
   size_t norm = 0;
   if (feature_sampling) {
     const BlockWeight gate = weight(d, -1), up = weight(d, gate.N), down = weight(gate.N, d);
     TORCH_CHECK(gate.N % 8 == 0, "the MLP width must be a multiple of 8");
     torch::Tensor g = torch::empty({n, gate.N}, opts), u = torch::empty({n, gate.N}, opts), act = torch::empty({n, gate.N}, opts);
     rms_norm(hp, norms[norm++].data_ptr<float>(), n, d, feps, np);
-    block_matmul(emb.data_ptr<float>(), n, gate, g.data_ptr<float>());
-    block_matmul(np, n, up, u.data_ptr<float>());
+    mm(emb.data_ptr<float>(), n, gate, g.data_ptr<float>());
+    mm(np, n, up, u.data_ptr<float>());
     silu_mul(g.data_ptr<float>(), u.data_ptr<float>(), gate.N, n, gate.N, act.data_ptr<float>());
-    block_matmul(act.data_ptr<float>(), n, down, pp);
+    mm(act.data_ptr<float>(), n, down, pp);
     for (int64_t j = 0; j < n * d; ++j) hp[j] += pp[j];
   }
   const BlockWeight wqkv = weight(d, qkv_width), wo = weight(heads * hd, d), wgu = weight(d, -1);
@@ -76,17 +85,17 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
                 mlp = torch::empty({n, width}, opts);
   float *qp = qkv.data_ptr<float>(), *ap = att.data_ptr<float>(), *gp = gate_up.data_ptr<float>(), *mp = mlp.data_ptr<float>();
   rms_norm(hp, norms[norm++].data_ptr<float>(), n, d, feps, np);
-  block_matmul(np, n, wqkv, qp);
+  mm(np, n, wqkv, qp);
   float* keys = kv.data_ptr<float>();
   float* values = keys + hk * capacity * hd;
   rotate_and_store(qp, n, heads, hk, hd, cos.data_ptr<float>(), sin.data_ptr<float>(), keys, values, capacity, start);
   Attention{qp, keys, values, mask_ptr, n, start, end, heads, hk, hd, capacity, static_cast<float>(scale), ap}.run();
-  block_matmul(ap, n, wo, pp);
+  mm(ap, n, wo, pp);
   for (int64_t j = 0; j < n * d; ++j) hp[j] += pp[j];  // h is now the attention block's output a
   rms_norm(hp, norms[norm++].data_ptr<float>(), n, d, feps, np);
-  block_matmul(np, n, wgu, gp);
+  mm(np, n, wgu, gp);
   silu_mul(gp, gp + inner, 2 * inner, n, inner, act.data_ptr<float>());
-  block_matmul(act.data_ptr<float>(), n, wdown, mp);
+  mm(act.data_ptr<float>(), n, wdown, mp);
   torch::Tensor logit_hidden = torch::empty({n, d}, opts), feature = partial_alignment ? torch::empty({n, d}, opts) : logit_hidden;
   float *lp = logit_hidden.data_ptr<float>(), *fp = feature.data_ptr<float>();
   for (int64_t i = 0; i < n; ++i) {

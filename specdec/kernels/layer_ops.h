@@ -93,6 +93,51 @@ inline void rotate_and_store(float* qkv, int64_t n, int64_t hq, int64_t hk, int6
   }
 }
 
+// r[u] = the sum of the eight lanes of a[u], for eight vectors at once.
+inline __m256 hsum8(const __m256 a[8]) {
+  const __m256 t0 = _mm256_hadd_ps(a[0], a[1]), t1 = _mm256_hadd_ps(a[2], a[3]);
+  const __m256 t2 = _mm256_hadd_ps(a[4], a[5]), t3 = _mm256_hadd_ps(a[6], a[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// One query (head_dim = 8 * V) against `count` keys and values: softmax(q.k * scale) . v into
+// o. The keys are rows slots[s] of k and v, or rows 0..count-1 when slots is null. p: scratch
+// of count rounded up to 8 floats. The s-th score is computed the same way for a given count.
+template <int V>
+void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t count, float scale, float* p, float* o) {
+  constexpr int64_t hd = 8 * V;
+  const auto row = [&](int64_t s) { return (slots ? slots[s] : s) * hd; };
+  int64_t s = 0;
+  for (; s + 8 <= count; s += 8) {
+    __m256 acc[8];
+    for (int u = 0; u < 8; ++u) {
+      const float* ks = k + row(s + u);
+      acc[u] = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(ks));
+      for (int c = 1; c < V; ++c) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(ks + 8 * c), acc[u]);
+    }
+    _mm256_storeu_ps(p + s, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+  }
+  for (; s < count; ++s) p[s] = dot(q, k + row(s), hd) * scale;
+  const int64_t padded = (count + 7) / 8 * 8;
+  float top = -std::numeric_limits<float>::infinity();
+  for (s = 0; s < count; ++s) top = std::max(top, p[s]);
+  for (s = count; s < padded; ++s) p[s] = -std::numeric_limits<float>::infinity();
+  const __m256 vtop = _mm256_set1_ps(top);
+  for (s = 0; s < padded; s += 8) _mm256_storeu_ps(p + s, exp256(_mm256_sub_ps(_mm256_loadu_ps(p + s), vtop)));
+  float total = 0.0f;
+  for (s = 0; s < count; ++s) total += p[s];
+  __m256 acc[V];
+  for (int c = 0; c < V; ++c) acc[c] = _mm256_setzero_ps();
+  for (s = 0; s < count; ++s) {
+    const __m256 w = _mm256_set1_ps(p[s]);
+    const float* vs = v + row(s);
+    for (int c = 0; c < V; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), acc[c]);
+  }
+  const __m256 inv = _mm256_set1_ps(1.0f / total);
+  for (int c = 0; c < V; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], inv));
+}
+
 struct Attention {
   const float* qkv;    // [n, (hq + 2 hk) * hd], rotated
   const float* keys;   // [hk, capacity, hd] of this layer
@@ -102,47 +147,39 @@ struct Attention {
   float scale;
   float* out;          // [n, hq * hd]
 
-  // Query row i, head h: softmax over the visible slots (in slot order) of q.k * scale, times v.
-  void row(int64_t i, int64_t h, std::vector<int64_t>& slots, std::vector<float>& p) const {
-    const int64_t g = h / (hq / hk);
-    const float* q = qkv + i * (hq + 2 * hk) * hd + h * hd;
-    const float* kg = keys + g * capacity * hd;
-    const float* vg = values + g * capacity * hd;
-    slots.clear();
-    for (int64_t j = 0; j < end; ++j) {
-      if (mask ? mask[i * end + j] : j <= start + i) slots.push_back(j);
-    }
-    const int64_t count = static_cast<int64_t>(slots.size());
-    const int64_t padded = (count + 7) / 8 * 8;
-    p.assign(padded, -std::numeric_limits<float>::infinity());
-    float top = -std::numeric_limits<float>::infinity();
-    for (int64_t s = 0; s < count; ++s) {
-      p[s] = dot(q, kg + slots[s] * hd, hd) * scale;
-      top = std::max(top, p[s]);
-    }
-    const __m256 vtop = _mm256_set1_ps(top);
-    for (int64_t s = 0; s < padded; s += 8) _mm256_storeu_ps(&p[s], exp256(_mm256_sub_ps(_mm256_loadu_ps(&p[s]), vtop)));
-    float total = 0.0f;
-    for (int64_t s = 0; s < count; ++s) total += p[s];
-    float* o = out + i * hq * hd + h * hd;
-    for (int64_t j = 0; j < hd; ++j) o[j] = 0.0f;
-    for (int64_t s = 0; s < count; ++s) {
-      const __m256 w = _mm256_set1_ps(p[s]);
-      const float* v = vg + slots[s] * hd;
-      for (int64_t j = 0; j < hd; j += 8) _mm256_storeu_ps(o + j, _mm256_fmadd_ps(w, _mm256_loadu_ps(v + j), _mm256_loadu_ps(o + j)));
-    }
-    const float inv = 1.0f / total;
-    for (int64_t j = 0; j < hd; ++j) o[j] *= inv;
-  }
-
+  // Every query row and head: softmax over the row's visible slots (in slot order) of
+  // q.k * scale, times v. Rows without a mask see slots 0..start+i, contiguous.
   void run() const {
+    std::vector<std::vector<int64_t>> slots(mask ? n : 0);
+    for (int64_t i = 0; i < static_cast<int64_t>(slots.size()); ++i) {
+      for (int64_t j = 0; j < end; ++j) {
+        if (mask[i * end + j]) slots[i].push_back(j);
+      }
+    }
     at::parallel_for(0, n * hq, 1, [&](int64_t b, int64_t e) {
-      std::vector<int64_t> slots;
-      std::vector<float> p;
-      for (int64_t t = b; t < e; ++t) row(t / hq, t % hq, slots, p);
+      std::vector<float> p(end + 8);
+      for (int64_t t = b; t < e; ++t) {
+        const int64_t i = t / hq, h = t % hq, g = h / (hq / hk);
+        const int64_t* rows = mask ? slots[i].data() : nullptr;
+        const int64_t count = mask ? static_cast<int64_t>(slots[i].size()) : start + i + 1;
+        const float* q = qkv + i * (hq + 2 * hk) * hd + h * hd;
+        const float* k = keys + g * capacity * hd;
+        const float* v = values + g * capacity * hd;
+        float* o = out + i * hq * hd + h * hd;
+        switch (hd) {
+          case 8: attend<1>(q, k, v, rows, count, scale, p.data(), o); break;
+          case 16: attend<2>(q, k, v, rows, count, scale, p.data(), o); break;
+          case 32: attend<4>(q, k, v, rows, count, scale, p.data(), o); break;
+          case 64: attend<8>(q, k, v, rows, count, scale, p.data(), o); break;
+          default: attend<16>(q, k, v, rows, count, scale, p.data(), o); break;
+        }
+      }
     });
   }
 };
+
+// Head sizes the attention kernel is built for.
+inline bool supported_head_dim(int64_t hd) { return hd == 8 || hd == 16 || hd == 32 || hd == 64 || hd == 128; }
 
 // The C++ view of a `mask` argument: bool [n, end] (True = may attend), or nullptr for causal.
 inline const bool* mask_pointer(const std::optional<torch::Tensor>& mask, int64_t n, int64_t end) {

@@ -19,6 +19,7 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
                                                      torch::Tensor cos, torch::Tensor sin, std::optional<torch::Tensor> mask,
                                                      std::vector<torch::Tensor> norms, std::vector<torch::Tensor> blocks,
                                                      bool feature_sampling, bool partial_alignment, int64_t heads,
-                                                     int64_t kv_heads, double scale, double eps);
+                                                     int64_t kv_heads, double scale, double eps,
+                                                     bool int8_activations);
 
 }  // namespace specdec
