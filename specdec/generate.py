@@ -145,7 +145,9 @@ class Generation:
         features, logits = runner.prefill(state, self.prompt_ids)
         stats.target_forwards = 1
         root = self._pick(logits, gen)
-        history = features  # target features of every committed token but the root
+        # Target features of every committed token but the root, in pieces (concatenated only
+        # when a drafter session must be reopened, not copied every round).
+        history = [features]
         session = self._open(self.prompt_ids + [root], history)
         retry_at = None if session or not self.drafter else self.retry_rounds
         chunk = self._commit([root])
@@ -183,7 +185,7 @@ class Generation:
                     stats.accepted_per_round.append(acc.num_accepted)
                     stats.draft_tokens += len(tree) - 1
                 accepted_features = hidden[acc.path]
-                history = torch.cat([history, accepted_features])
+                history.append(accepted_features)
                 root = acc.bonus_token
                 if state.length + 1 >= runner.max_length:
                     chunk = self._commit(new, context_full=True)
@@ -211,12 +213,14 @@ class Generation:
             return int(logits.argmax())
         return sample(warp_probs(logits, self.sampling), gen)
 
-    def _open(self, token_ids: list[int], features: torch.Tensor) -> DraftSession | None:
+    def _open(self, token_ids: list[int], history: list[torch.Tensor]) -> DraftSession | None:
         """Open a drafter session over the whole history (tokens up to the root)."""
         if self.drafter is None:
             return None
+        if len(history) > 1:
+            history[:] = [torch.cat(history)]
         try:
-            return self.drafter.open(token_ids, features)
+            return self.drafter.open(token_ids, history[0])
         except DrafterUnavailable:
             self.stats.drafter_failures += 1
             return None

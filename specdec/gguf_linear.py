@@ -6,16 +6,18 @@ tied embedding/LM head in Q8_0); transformers dequantizes it to float32, and rea
 reads the blocks themselves, 4-5x fewer bytes, and decodes each weight exactly as the
 dequantization does (w = d*q + m for Q4_1, w = d*q for Q8_0, float32, one rounding) right
 before multiplying it with float32 activations. The weights are therefore bit-identical to
-the float32 model's and only the summation order differs, as it already does between a tree
-forward and a one-token forward: losslessness is untouched (tests compare both paths).
+the float32 model's and only the summation order differs: the output is the float32 model's
+up to float near-ties (tests compare both paths token for token). A row's result does not
+depend on the other rows of the call, which the C++ decoder stack (`specdec.llama`) builds on
+to make a token's logits in a tree forward equal those of a one-token step bit for bit.
 
 Each layer checks at load that its decoded blocks equal the float32 weight exactly (finding
 the row order where the two differ: llama.cpp stores q/k rows permuted for its rotary layout,
 and a loader may or may not undo that) and keeps float32 for anything that does not match.
 Inputs of more than `max_rows` rows (prefill) run on the float32 weights, where oneDNN's
-blocked matmul is faster. The kernel compiles once on first
-use (about a minute, cached by torch under ~/.cache/torch_extensions); without a compiler or
-AVX2 everything stays float32. `SPECDEC_GGUF_KERNELS=0` turns it off.
+blocked matmul is faster. The extension (`kernels/`) compiles once on first use (about a
+minute, cached by torch under ~/.cache/torch_extensions); without a compiler or AVX2
+everything stays float32. `SPECDEC_GGUF_KERNELS=0` turns it off.
 """
 
 from __future__ import annotations
