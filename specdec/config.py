@@ -41,13 +41,15 @@ class TreeConfig:
     """EAGLE-2 dynamic tree: expand the top_k best frontier nodes for `depth` steps, then keep
     the `total_tokens` best nodes (root included) by cumulative draft log-probability.
 
-    Defaults are chosen from `specdec costs` on the 2-core CPU (2 threads, the target on its
-    GGUF blocks, the head on Q8_0): a forward of 1/2/4/8/16 nodes costs 27/29/31/44/75 ms, so
-    every node past the first few costs about 2.5 ms, a tenth of a plain step; a proposal of
-    depth 3 and width 4 costs about 6 ms; and the shipped heads almost never get a fourth draft
-    token accepted (1% of rounds). With min_prob 0, 0.1, 0.2 and 0.3 the 13-question bench gave
-    0.84x, 1.02x, 1.03x and 1.02x of plain decoding (tau 1.69, 1.51, 1.39, 1.30): on this CPU
-    the unlikely nodes cost more than they return, hence the default 0.2. The single most likely
+    Defaults are chosen from `specdec costs` on the 2-core CPU (2 threads, the target's C++
+    decoder stack on its GGUF blocks, the C++ head on Q8_0): a forward of 1/2/4/8 nodes costs
+    about 17/19/22/41 ms, so every node past the first costs 2.5-3 ms, a sixth of a plain step;
+    a proposal of depth 3 and width 4 costs about 5-6 ms; and the shipped heads almost never get
+    a fourth draft token accepted (1% of rounds). With min_prob 0, 0.1, 0.2 and 0.3 the
+    13-question bench gave 0.84x, 1.02x, 1.03x and 1.02x of plain decoding (tau 1.69, 1.51,
+    1.39, 1.30; a second-round head, before the C++ stacks; with them 0.2 and 0.3 gave
+    0.99-1.04x and deeper or wider trees 0.90-0.98x): on this CPU the unlikely nodes cost more
+    than they return, hence the default 0.2. The single most likely
     draft is verified whatever its probability (`tree.select_nodes`), so a head of unknown
     calibration, such as a random one, still gets a draft tried each round.
     On a GPU, where a node costs next to nothing, use the reference settings (top_k 10, depth 6,
