@@ -31,14 +31,10 @@ torch::Tensor decoder_forward(torch::Tensor x, torch::Tensor kv, int64_t start, 
   TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 5 && kv.is_contiguous(), "kv must be contiguous float32 [L, 2, hk, cap, hd]");
   const int64_t n = x.size(0), d = x.size(1), layers = kv.size(0), hk = kv.size(2), capacity = kv.size(3), hd = kv.size(4);
   const int64_t end = start + n;
-  TORCH_CHECK(hk == kv_heads && heads % kv_heads == 0 && supported_head_dim(hd) && d % 8 == 0, "unsupported head layout");
-  TORCH_CHECK(end <= capacity, "the KV cache is too small");
+  check_attention_args(heads, kv_heads, hk, hd, d, end, capacity, cos, sin, n);
   TORCH_CHECK(norms.size() == static_cast<size_t>(2 * layers) && blocks.size() == static_cast<size_t>(12 * layers) &&
                   q4.size() == static_cast<size_t>(4 * layers),
               "expected 2 norms, 4 projections and 4 kinds per layer");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.size(0) == n && cos.size(1) == hd &&
-                  sin.sizes() == cos.sizes() && sin.is_contiguous(),
-              "cos and sin must be contiguous float32 [n, hd]");
   const bool* mask_ptr = mask_pointer(mask, n, end);
   const int64_t qkv_width = (heads + 2 * kv_heads) * hd;
   const auto opts = x.options();

@@ -31,11 +31,7 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
               "kv must be contiguous float32 [2, hk, cap, hd]");
   const int64_t n = emb.size(0), d = emb.size(1), hk = kv.size(1), capacity = kv.size(2), hd = kv.size(3);
   const int64_t end = start + n;
-  TORCH_CHECK(hk == kv_heads && heads % kv_heads == 0 && supported_head_dim(hd) && d % 8 == 0, "unsupported head layout");
-  TORCH_CHECK(end <= capacity, "the KV cache is too small");
-  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.size(0) == n && cos.size(1) == hd &&
-                  sin.sizes() == cos.sizes() && sin.is_contiguous(),
-              "cos and sin must be contiguous float32 [n, hd]");
+  check_attention_args(heads, kv_heads, hk, hd, d, end, capacity, cos, sin, n);
   const size_t projections = feature_sampling ? 8 : 5;
   TORCH_CHECK(norms.size() == (feature_sampling ? 3u : 2u) && blocks.size() == 3 * projections,
               "expected the norms and projections of this head variant");

@@ -181,6 +181,17 @@ struct Attention {
 // Head sizes the attention kernel is built for.
 inline bool supported_head_dim(int64_t hd) { return hd == 8 || hd == 16 || hd == 32 || hd == 64 || hd == 128; }
 
+// The checks every attention caller needs: a supported head layout, room in the cache for slots
+// up to `end`, and cos/sin tables of one row per new token.
+inline void check_attention_args(int64_t heads, int64_t kv_heads, int64_t cache_kv_heads, int64_t hd, int64_t d, int64_t end,
+                                 int64_t capacity, const torch::Tensor& cos, const torch::Tensor& sin, int64_t n) {
+  TORCH_CHECK(cache_kv_heads == kv_heads && heads % kv_heads == 0 && supported_head_dim(hd) && d % 8 == 0, "unsupported head layout");
+  TORCH_CHECK(end <= capacity, "the KV cache is too small");
+  TORCH_CHECK(cos.scalar_type() == torch::kFloat32 && cos.is_contiguous() && cos.size(0) == n && cos.size(1) == hd &&
+                  sin.sizes() == cos.sizes() && sin.is_contiguous(),
+              "cos and sin must be contiguous float32 [n, hd]");
+}
+
 // The C++ view of a `mask` argument: bool [n, end] (True = may attend), or nullptr for causal.
 inline const bool* mask_pointer(const std::optional<torch::Tensor>& mask, int64_t n, int64_t end) {
   if (!mask.has_value()) return nullptr;
