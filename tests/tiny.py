@@ -137,7 +137,8 @@ class OracleSession(DraftSession):
 
     @torch.inference_mode()
     def _next_logits(self, ids: list[int]) -> torch.Tensor:
-        return self.drafter.runner.model(input_ids=torch.tensor([ids])).logits[0, -1]
+        runner = self.drafter.runner
+        return runner.model(input_ids=torch.tensor([ids], device=runner.device)).logits[0, -1]
 
     def propose(self) -> DraftTree:
         d = self.drafter

@@ -21,9 +21,13 @@ Our choices, not the paper's:
 - `init` warm-starts from a saved head of the same variant and shape (to train an existing
   head further on new data, or with a new draft vocabulary, on a fresh schedule); the paper
   trains from scratch.
+- on a GPU, the training products run in TF32 (the frozen target's features were computed in
+  full float32 by extract/regenerate; TF32's error is below their float16 storage's).
 
 Resuming from a checkpoint reproduces an uninterrupted run exactly: the batch order is a pure
-function of (seed, epoch) and the noise of (seed, step); the lr is a pure function of the step.
+function of (seed, epoch) and the noise of (seed, step), drawn on the training device; the lr is
+a pure function of the step. Each log line also holds the seconds since this process started
+training (throughput, for sizing runs).
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -143,8 +148,8 @@ def losses(head: DraftHead, batch: list[Sequence], cfg: FitConfig, step: int) ->
     ids, feats, mask, valid = _pad(batch, device)
     inputs, targets = feats[:, :-1], feats[:, 1:]
     if cfg.noise:
-        gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-        inputs = inputs + (torch.rand(inputs.shape, generator=gen) * 2 - 1).to(device) * cfg.noise
+        gen = torch.Generator(device=device).manual_seed(cfg.seed * 1_000_003 + step)
+        inputs = inputs + (torch.rand(inputs.shape, generator=gen, device=device) * 2 - 1) * cfg.noise
     positions = torch.arange(inputs.shape[1], device=device).expand(inputs.shape[0], -1)
     # Right padding never leaks into real positions: attention is causal.
     keep = mask[:, 1:] & valid[:, 1:]
@@ -260,6 +265,8 @@ def fit(
     (as an interruption would). Returns the final step and the last logged losses."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    if runner.device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True  # our choice: TF32 products for training on a GPU
     head = new_head(runner, cfg, d2t).train()
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -268,6 +275,7 @@ def fit(
     end = min(cfg.steps, stop_at) if stop_at is not None else cfg.steps
     last: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"fit {cfg.variant}", unit="step", disable=not progress)
+    started = time.perf_counter()
     with _StopFlag() as flag, (out / LOG_FILE).open("a") as log:
         while step < end and not flag.stop:
             for group in opt.param_groups:
@@ -279,7 +287,8 @@ def fit(
             opt.step()
             step += 1
             last = {k: round(float(v.detach()), 5) for k, v in parts.items()}
-            log.write(json.dumps({"step": step, "lr": cfg.lr_at(step - 1), **last}) + "\n")
+            seconds = round(time.perf_counter() - started, 3)
+            log.write(json.dumps({"step": step, "lr": cfg.lr_at(step - 1), **last, "seconds": seconds}) + "\n")
             log.flush()
             bar.update(1)
             bar.set_postfix(loss=last["loss"], acc=last["acc"])
