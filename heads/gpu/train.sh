@@ -78,7 +78,7 @@ touch "$WORK/prompts-gpu.jsonl"
 cat $PROMPTS "$WORK/prompts-gpu.jsonl" >"$WORK/prompts-all.jsonl"
 say "$(wc -l <"$WORK/prompts-all.jsonl") prompts to answer"
 run regen-self "$(left "$REGEN_S")" "${SPECDEC[@]}" regenerate --data "$WORK/prompts-all.jsonl" --out "$WORK/regen-self" \
-  --max-new-tokens "$MAX_NEW" --batch-size "$BATCH" --shard-size "$BATCH" "${LIMIT_ARGS[@]}" "${MODEL[@]}"
+  --max-new-tokens "$MAX_NEW" --batch-size "$BATCH" --shard-size "$BATCH" "${LIMIT_ARGS[@]}" "${MODEL[@]}" "${GEN_THREADS[@]}"
 wait
 CACHES=()
 for c in regen-aa regen-ab regen-self regen-self; do

@@ -36,8 +36,10 @@ import json
 import os
 import signal
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -220,6 +222,18 @@ class _StopFlag:
             signal.signal(sig, handler)
 
 
+@contextmanager
+def _tf32_on(device: torch.device) -> Iterator[None]:
+    """TF32 products while training on a GPU (our choice, see above); the process's setting is
+    restored afterwards, so that later float32 work in it (decoding, evaluation) stays float32."""
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = previous or device.type == "cuda"
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
 def _save_checkpoint(out: Path, head: DraftHead, opt: torch.optim.Optimizer, cfg: FitConfig, step: int) -> None:
     state = {
         "step": step,
@@ -265,8 +279,6 @@ def fit(
     (as an interruption would). Returns the final step and the last logged losses."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if runner.device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True  # our choice: TF32 products for training on a GPU
     head = new_head(runner, cfg, d2t).train()
     params = [p for p in head.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.95), weight_decay=0.0)
@@ -276,7 +288,7 @@ def fit(
     last: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"fit {cfg.variant}", unit="step", disable=not progress)
     started = time.perf_counter()
-    with _StopFlag() as flag, (out / LOG_FILE).open("a") as log:
+    with _StopFlag() as flag, _tf32_on(runner.device), (out / LOG_FILE).open("a") as log:
         while step < end and not flag.stop:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
