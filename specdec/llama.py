@@ -178,6 +178,12 @@ class LeanLlama(nn.Module):
             max_rows=min(p.max_rows for p in projections),
         )
 
+    @property
+    def stack_rows(self) -> int:
+        """The most rows a call runs on the C++ decoder stack (0: no stack, every call runs the
+        Python path)."""
+        return self._stack.max_rows if self._stack is not None else 0
+
     def new_cache(self, capacity: int = 256) -> KVCache:
         param = self.embed.weight
         return KVCache(len(self.layers), self.kv_heads, self.head_dim, param.dtype, param.device, capacity)
