@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from specdec.config import ConfigError
 from specdec.target import TargetRunner
-from specdec.train.regenerate import pad_id
+from specdec.train.regenerate import answer_prompts
 
 _MARK = "\x00PROMPT\x00"
 
@@ -67,21 +67,13 @@ def write_prompts(
     records = _read_written(out)
     start = max((r["batch"] for r in records), default=-1) + 1
     seen = {r["messages"][0]["content"] for r in records}
-    prefix = torch.tensor([user_turn_prefix(runner.tokenizer)] * batch_size, device=runner.device)
+    prefix = user_turn_prefix(runner.tokenizer)
     eos = set(runner.eos_token_ids)
     dropped = {"unfinished": 0, "blank": 0, "duplicate": 0}
     bar = tqdm(total=batches, initial=min(start, batches), desc="prompts", unit="batch", disable=not progress)
     for b in range(start, batches):
-        torch.manual_seed(seed * 100_003 + b)
-        rows = runner.model.generate(
-            input_ids=prefix,
-            attention_mask=torch.ones_like(prefix),
-            do_sample=True, temperature=temperature, top_k=0, top_p=1.0,
-            max_new_tokens=max_new_tokens,
-            pad_token_id=pad_id(runner),
-            eos_token_id=list(eos) or None,
-        )[:, prefix.shape[1] :].tolist()
-        for row in rows:
+        sampled = answer_prompts(runner, [prefix] * batch_size, max_new_tokens, temperature, batch_size, seed * 100_003 + b)
+        for _, row in sampled:
             stop = next((i for i, t in enumerate(row) if t in eos), None)
             text = runner.tokenizer.decode(row[:stop], skip_special_tokens=True).strip() if stop is not None else ""
             reason = "unfinished" if stop is None else "blank" if not text else "duplicate" if text in seen else None

@@ -43,12 +43,13 @@ def pad_id(runner: TargetRunner) -> int:
 
 
 def answer_prompts(
-    runner: TargetRunner, prompts: list[list[int]], max_new_tokens: int, temperature: float, batch_size: int,
-    generator: torch.Generator, on_done: Callable[[int], None],
+    runner: TargetRunner, prompts: list[list[int]], max_new_tokens: int, temperature: float, batch_size: int, seed: int,
+    on_done: Callable[[int], None] = lambda _: None,
 ) -> list[tuple[Sequence, list[int]]]:
-    """(sequence with features and answer mask, answer ids) for each prompt, in order; sampled
-    answers draw from `generator` on the CPU, from torch's global generator on a GPU."""
+    """(sequence with features and answer mask, answer ids) for each prompt, in order; an
+    answer ends with an EOS or at `max_new_tokens`. Sampled answers are seeded by `seed`."""
     if runner.device.type != "cpu":
+        torch.manual_seed(seed)
         results = []
         for b in range(0, len(prompts), batch_size):
             results += generate_batch(runner, prompts[b : b + batch_size], max_new_tokens, temperature)
@@ -58,7 +59,7 @@ def answer_prompts(
     stack = runner.lean.stack_rows
     rows = min(batch_size, stack) if stack else batch_size
     results = []
-    for prompt, answer in zip(prompts, decode_together(runner, prompts, max_new_tokens, temperature, rows, generator, on_done)):
+    for prompt, answer in zip(prompts, decode_together(runner, prompts, max_new_tokens, temperature, rows, torch.Generator().manual_seed(seed), on_done)):
         tokens = prompt + answer.tokens
         fed = len(tokens) - 1
         mask = torch.tensor([False] * len(prompt) + [True] * len(answer.tokens))[:fed]
@@ -145,11 +146,9 @@ def regenerate(
     bar.update(sum(len(parts[k]) for k in range(shards) if k not in todo))
     tokens = 0
     for k in todo:
-        torch.manual_seed(seed * 100_003 + k)
-        generator = torch.Generator().manual_seed(seed * 100_003 + k)
         order = sorted(parts[k], key=lambda i: len(prompts[i]))  # similar lengths pad less
         done = lambda _: bar.update(1)  # noqa: E731
-        results = answer_prompts(runner, [prompts[i] for i in order], max_new_tokens, temperature, batch_size, generator, done)
+        results = answer_prompts(runner, [prompts[i] for i in order], max_new_tokens, temperature, batch_size, seed * 100_003 + k, done)
         sequences = [seq for seq, _ in results]
         answers = [answer for _, answer in results]
         tokens += sum(len(seq.ids) for seq in sequences)
