@@ -69,7 +69,12 @@ def _regenerate(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N valid conversations")
     p.add_argument("--max-new-tokens", type=int, default=256, help="answer length limit")
     p.add_argument("--max-prompt", type=int, default=512, help="skip (and count) longer prompts")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=16,
+        help="prompts answered together (on the CPU: sequences stepped together, at most the C++ decoder stack's 16 rows)",
+    )
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy answers, else sampled")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--shard-size", type=int, default=64, help="conversations per shard (the unit of resuming)")
