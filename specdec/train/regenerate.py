@@ -7,7 +7,7 @@ Generation is batched, which per token is far cheaper than answering one by one,
 the features the target computes while answering, so the answers need no second pass. On the
 CPU the sequences share one KV cache and are stepped together on the target's own runner
 (`specdec.train.batched`: continuous batching, the C++ decoder stack when the target has it,
-about 4x Hugging Face's batched `generate` here). On a GPU, where a forward's cost hardly
+2.25x Hugging Face's batched `generate` here, side by side). On a GPU, where a forward's cost hardly
 depends on its rows, Hugging Face `generate` (left padding, a hook on the final norm) runs
 larger batches. Rerunning skips finished shards.
 """
