@@ -47,49 +47,63 @@ inline void decode_q8_0(const int8_t* qs, float d, __m256 w[4]) {
   }
 }
 
-// One row of W against MR rows of x: each block of W is decoded once for all MR rows, and the
-// MR accumulators are independent FMA chains.
-template <bool Q4, int MR>
-void tile(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, float* y, int64_t N) {
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < K / kBlock; ++g) {
-    __m256 w[4];
-    if constexpr (Q4) {
-      decode_q4_1(qs + g * kBlock / 2, d[g], m[g], w);
-    } else {
-      decode_q8_0(reinterpret_cast<const int8_t*>(qs + g * kBlock), d[g], w);
+// NR rows of W (row_bytes apart) against MR rows of x: each block of W is decoded once for all
+// MR rows, and the NR x MR accumulators are independent FMA chains. Every output element is the
+// same chain (acc = 0; for each block, for each of its four vectors: acc = fma(w, x, acc); then
+// the lane sum) whatever MR and NR are, so tiling never changes a result; NR > 1 only gives a few
+// rows of x enough independent chains to hide the FMA latency.
+template <bool Q4, int MR, int NR>
+void tile(const float* x, int64_t K, const uint8_t* qs, int64_t row_bytes, const float* d, const float* m, float* y, int64_t N) {
+  const int64_t blocks = K / kBlock;
+  __m256 acc[NR][MR];
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < MR; ++r) acc[j][r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < blocks; ++g) {
+    for (int j = 0; j < NR; ++j) {
+      __m256 w[4];
+      if constexpr (Q4) {
+        decode_q4_1(qs + j * row_bytes + g * kBlock / 2, d[j * blocks + g], m[j * blocks + g], w);
+      } else {
+        decode_q8_0(reinterpret_cast<const int8_t*>(qs + j * row_bytes + g * kBlock), d[j * blocks + g], w);
+      }
+      for (int i = 0; i < 4; ++i)
+        for (int r = 0; r < MR; ++r) acc[j][r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + r * K + g * kBlock + 8 * i), acc[j][r]);
     }
-    for (int i = 0; i < 4; ++i)
-      for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(w[i], _mm256_loadu_ps(x + r * K + g * kBlock + 8 * i), acc[r]);
   }
-  for (int r = 0; r < MR; ++r) y[r * N] = hsum(acc[r]);
+  for (int j = 0; j < NR; ++j)
+    for (int r = 0; r < MR; ++r) y[r * N + j] = hsum(acc[j][r]);
 }
 
-// Rows n0..n1 of W against all M rows of x, up to 8 rows of x at a time (measured here: wider
-// tiles over several rows of W were no faster).
+// Rows n0..n1 of W against MR rows of x, NR rows of W at a time (the rest one by one).
+template <bool Q4, int MR, int NR>
+void tile_rows(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, float* y, int64_t N, int64_t n0, int64_t n1) {
+  const int64_t blocks = K / kBlock, row_bytes = Q4 ? K / 2 : K;
+  int64_t n = n0;
+  for (; n + NR <= n1; n += NR) tile<Q4, MR, NR>(x, K, qs + n * row_bytes, row_bytes, d + n * blocks, Q4 ? m + n * blocks : nullptr, y + n, N);
+  for (; n < n1; ++n) tile<Q4, MR, 1>(x, K, qs + n * row_bytes, row_bytes, d + n * blocks, Q4 ? m + n * blocks : nullptr, y + n, N);
+}
+
+// Rows n0..n1 of W against all M rows of x, up to 8 rows of x at a time; with fewer than four
+// rows of x, several rows of W share a tile (measured here: one or two rows of x on one row of
+// W were bound by the latency of their one or two FMA chains).
 template <bool Q4>
 void matmul_rows(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,
                  float* y, int64_t N, int64_t n0, int64_t n1) {
-  const int64_t blocks = K / kBlock;
-  const int64_t row_bytes = Q4 ? K / 2 : K;
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* qn = qs + n * row_bytes;
-    const float* dn = d + n * blocks;
-    const float* mn = Q4 ? m + n * blocks : nullptr;
-    for (int64_t r = 0; r < M; r += 8) {
-      const float* xr = x + r * K;
-      float* yr = y + r * N + n;
-      switch (std::min<int64_t>(8, M - r)) {
-        case 1: tile<Q4, 1>(xr, K, qn, dn, mn, yr, N); break;
-        case 2: tile<Q4, 2>(xr, K, qn, dn, mn, yr, N); break;
-        case 3: tile<Q4, 3>(xr, K, qn, dn, mn, yr, N); break;
-        case 4: tile<Q4, 4>(xr, K, qn, dn, mn, yr, N); break;
-        case 5: tile<Q4, 5>(xr, K, qn, dn, mn, yr, N); break;
-        case 6: tile<Q4, 6>(xr, K, qn, dn, mn, yr, N); break;
-        case 7: tile<Q4, 7>(xr, K, qn, dn, mn, yr, N); break;
-        default: tile<Q4, 8>(xr, K, qn, dn, mn, yr, N); break;
-      }
+  // Q8_0 rows are 4-bit rows' double in bytes and cheap to decode: reading several at once
+  // only slowed them (the LM head's 49152 rows), so they stay one row of W per tile.
+  constexpr int NR1 = Q4 ? 4 : 1, NR2 = Q4 ? 2 : 1;
+  for (int64_t r = 0; r < M; r += 8) {
+    const float* xr = x + r * K;
+    float* yr = y + r * N;
+    switch (std::min<int64_t>(8, M - r)) {
+      case 1: tile_rows<Q4, 1, NR1>(xr, K, qs, d, m, yr, N, n0, n1); break;
+      case 2: tile_rows<Q4, 2, NR2>(xr, K, qs, d, m, yr, N, n0, n1); break;
+      case 3: tile_rows<Q4, 3, NR2>(xr, K, qs, d, m, yr, N, n0, n1); break;
+      case 4: tile_rows<Q4, 4, NR2>(xr, K, qs, d, m, yr, N, n0, n1); break;
+      case 5: tile_rows<Q4, 5, 1>(xr, K, qs, d, m, yr, N, n0, n1); break;
+      case 6: tile_rows<Q4, 6, 1>(xr, K, qs, d, m, yr, N, n0, n1); break;
+      case 7: tile_rows<Q4, 7, 1>(xr, K, qs, d, m, yr, N, n0, n1); break;
+      default: tile_rows<Q4, 8, 1>(xr, K, qs, d, m, yr, N, n0, n1); break;
     }
   }
 }

@@ -108,34 +108,58 @@ template <int V>
 void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t count, float scale, float* p, float* o) {
   constexpr int64_t hd = 8 * V;
   const auto row = [&](int64_t s) { return (slots ? slots[s] : s) * hd; };
+  // Scores eight keys at a time (a missing key scores a zero vector), each one FMA chain over
+  // the head's slices then hsum8's lane sum, with the query held in registers.
+  __m256 qv[V];
+  for (int c = 0; c < V; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
   int64_t s = 0;
-  for (; s + 8 <= count; s += 8) {
+  for (; s < count; s += 8) {
+    const int64_t live = std::min<int64_t>(8, count - s);
     __m256 acc[8];
     for (int u = 0; u < 8; ++u) {
+      if (u >= live) {
+        acc[u] = _mm256_setzero_ps();
+        continue;
+      }
       const float* ks = k + row(s + u);
-      acc[u] = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(ks));
-      for (int c = 1; c < V; ++c) acc[u] = _mm256_fmadd_ps(_mm256_loadu_ps(q + 8 * c), _mm256_loadu_ps(ks + 8 * c), acc[u]);
+      acc[u] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(ks));
+      for (int c = 1; c < V; ++c) acc[u] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(ks + 8 * c), acc[u]);
     }
     _mm256_storeu_ps(p + s, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
   }
-  for (; s < count; ++s) p[s] = dot(q, k + row(s), hd) * scale;
   const int64_t padded = (count + 7) / 8 * 8;
-  float top = -std::numeric_limits<float>::infinity();
-  for (s = 0; s < count; ++s) top = std::max(top, p[s]);
   for (s = count; s < padded; ++s) p[s] = -std::numeric_limits<float>::infinity();
-  const __m256 vtop = _mm256_set1_ps(top);
-  for (s = 0; s < padded; s += 8) _mm256_storeu_ps(p + s, exp256(_mm256_sub_ps(_mm256_loadu_ps(p + s), vtop)));
-  float total = 0.0f;
-  for (s = 0; s < count; ++s) total += p[s];
-  __m256 acc[V];
-  for (int c = 0; c < V; ++c) acc[c] = _mm256_setzero_ps();
-  for (s = 0; s < count; ++s) {
+  __m256 vtop = _mm256_loadu_ps(p);
+  for (s = 8; s < padded; s += 8) vtop = _mm256_max_ps(vtop, _mm256_loadu_ps(p + s));
+  vtop = _mm256_max_ps(vtop, _mm256_permute2f128_ps(vtop, vtop, 1));
+  vtop = _mm256_max_ps(vtop, _mm256_permute_ps(vtop, 0x4E));
+  vtop = _mm256_max_ps(vtop, _mm256_permute_ps(vtop, 0xB1));
+  // The total in eight lanes (position order within each), then one lane sum.
+  __m256 sum = _mm256_setzero_ps();
+  for (s = 0; s < padded; s += 8) {
+    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + s), vtop));
+    _mm256_storeu_ps(p + s, e);
+    sum = _mm256_add_ps(sum, e);
+  }
+  const float total = hsum(sum);
+  // Two accumulators per slice of the head (even and odd positions) halve the FMA chains' length.
+  __m256 acc[2][V];
+  for (int c = 0; c < V; ++c) acc[0][c] = acc[1][c] = _mm256_setzero_ps();
+  for (s = 0; s + 2 <= count; s += 2) {
+    for (int j = 0; j < 2; ++j) {
+      const __m256 w = _mm256_set1_ps(p[s + j]);
+      const float* vs = v + row(s + j);
+      for (int c = 0; c < V; ++c) acc[j][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), acc[j][c]);
+    }
+  }
+  if (s < count) {
     const __m256 w = _mm256_set1_ps(p[s]);
     const float* vs = v + row(s);
-    for (int c = 0; c < V; ++c) acc[c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), acc[c]);
+    for (int c = 0; c < V; ++c) acc[0][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), acc[0][c]);
   }
+  for (int c = 0; c < V; ++c) acc[0][c] = _mm256_add_ps(acc[0][c], acc[1][c]);
   const __m256 inv = _mm256_set1_ps(1.0f / total);
-  for (int c = 0; c < V; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[c], inv));
+  for (int c = 0; c < V; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[0][c], inv));
 }
 
 struct Attention {
