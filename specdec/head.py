@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -252,6 +252,25 @@ class DraftHead(nn.Module):
             raise ConfigError(f"d2t has {d2t.numel()} ids, config says {self.cfg.draft_vocab_size}")
         self.d2t.copy_(d2t.to(self.d2t.device))
         self._refresh_lm_head()
+
+    def with_draft_vocab(self, d2t: torch.Tensor) -> "DraftHead":
+        """A copy of this head drafting over `d2t` (ascending target ids), with the same weights.
+        Valid because the draft LM head is rows of the target's frozen one: the trained layers
+        do not depend on which rows. Only ids this head was trained on may be kept (its softmax
+        never saw the others, so their logits mean nothing)."""
+        d2t = d2t.to(torch.int64).cpu()
+        trained = set(self.d2t.tolist())
+        if d2t.numel() == 0 or not all(int(t) in trained for t in d2t):
+            raise ConfigError("the new draft vocabulary must be a non-empty subset of the head's own")
+        if not torch.equal(d2t, d2t.unique()):
+            raise ConfigError("d2t must be ascending and unique")
+        param = self.fc.weight
+        copy = DraftHead(replace(self.cfg, draft_vocab_size=d2t.numel()), self.embed_tokens[0], self._lm_head_full)
+        loaded = copy.load_state_dict({k: v for k, v in self.state_dict().items() if k != "d2t"}, strict=False)
+        if loaded.missing_keys != ["d2t"] or loaded.unexpected_keys:
+            raise RuntimeError(f"head copy mismatch: {loaded}")
+        copy.set_draft_vocab(d2t)
+        return copy.to(param.device, param.dtype)
 
     def _refresh_lm_head(self) -> None:
         full = self._lm_head_full

@@ -116,6 +116,32 @@ def test_vocab_keeps_eos_and_covers_assistant_tokens(pipeline):
     assert d2t.tolist()[:2] == [5, 6] and ChatCharTokenizer.END in d2t.tolist() and 0.9 < coverage < 1.0
 
 
+def test_shrunk_head_drafts_its_most_frequent_tokens_with_the_same_weights(pipeline):
+    from specdec.head import DraftHead
+
+    runner, sequences = pipeline["runner"], pipeline["sequences"]
+    head = DraftHead.load(pipeline["tmp"] / "run" / "head", runner.embed_tokens, runner.lm_head.weight, runner.config)
+    own = head.d2t.clone()
+    d2t, coverage = choose_vocab(sequences, 8, VOCAB, (ChatCharTokenizer.END,), candidates=own)
+    _, full = choose_vocab(sequences, own.numel(), VOCAB, candidates=own)
+    assert set(d2t.tolist()) <= set(own.tolist()) and ChatCharTokenizer.END in d2t.tolist() and 0 < coverage < full
+    small = head.with_draft_vocab(d2t)
+    assert small.cfg.draft_vocab_size == 8 and torch.equal(small.d2t, d2t)
+    feats, ids, pos = torch.randn(5, runner.hidden_size), torch.tensor([1, 2, 3, 4, 5]), torch.arange(5)
+    with torch.no_grad():
+        hidden, feature = head(feats, ids, pos)
+        hidden_small, feature_small = small(feats, ids, pos)
+        columns = torch.tensor([own.tolist().index(t) for t in d2t.tolist()])
+        assert torch.equal(hidden, hidden_small) and torch.equal(feature, feature_small)
+        torch.testing.assert_close(small.logits(hidden), head.logits(hidden)[:, columns])  # the same rows (BLAS may block them differently)
+    outside = sorted(set(range(VOCAB)) - set(own.tolist()))
+    if outside:
+        with pytest.raises(ConfigError, match="subset"):
+            head.with_draft_vocab(torch.tensor(sorted(d2t.tolist()[:3] + outside[:1])))
+    with pytest.raises(ConfigError, match="size"):
+        choose_vocab(sequences, own.numel() + 1, VOCAB, candidates=own)
+
+
 def test_fit_lowers_the_loss(pipeline):
     log = [json.loads(line) for line in (pipeline["tmp"] / "run" / "log.jsonl").read_text().splitlines()]
     assert [r["step"] for r in log] == list(range(1, 41))
@@ -224,7 +250,7 @@ def test_every_train_command_has_help(capsys):
     from specdec.cli import build_parser
 
     parser, _ = build_parser()
-    for command in ("extract", "prompts", "regenerate", "vocab", "fit", "evaluate", "agreement"):
+    for command in ("extract", "prompts", "regenerate", "vocab", "shrink", "fit", "evaluate", "agreement"):
         with pytest.raises(SystemExit):
             parser.parse_args(["train", command, "--help"])
         assert "usage: specdec train " + command in capsys.readouterr().out

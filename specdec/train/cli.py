@@ -1,4 +1,4 @@
-"""`specdec train extract|prompts|regenerate|vocab|fit|evaluate|agreement`: the training pipeline's commands."""
+"""`specdec train extract|prompts|regenerate|vocab|shrink|fit|evaluate|agreement`: the training pipeline's commands."""
 
 from __future__ import annotations
 
@@ -120,11 +120,33 @@ def _load_caches(runner, caches: list[str]):
     return [s for c in caches for s in load_sequences(c, runner)]
 
 
-def _vocab(sub) -> None:
-    p = sub.add_parser("vocab", help="choose the draft vocabulary (most frequent assistant tokens) and write d2t")
+def _count_data(runner, paths: list[str]):
+    """Assistant-token counts [vocab] of conversations JSONL files (tokenized only, no features)."""
+    import torch
+    from tqdm import tqdm
+
+    from specdec.train.data import read_conversations
+    from specdec.train.extract import tokenize_chat
+
+    counts = torch.zeros(runner.vocab_size, dtype=torch.int64)
+    for path in paths:
+        conversations, report = read_conversations(path)
+        report.warn(path)
+        for messages in tqdm(conversations, desc=f"count {Path(path).name}", unit="conv"):
+            ids, mask = tokenize_chat(runner.tokenizer, messages)
+            counts += torch.bincount(torch.tensor(ids)[torch.tensor(mask)], minlength=runner.vocab_size)
+    return counts
+
+
+def _vocab_sources(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache", action="append", required=True, help="feature cache folder (repeatable)")
     p.add_argument("--size", type=int, default=8192, help="draft vocabulary size")
     p.add_argument("--data", action="append", default=[], help="also count assistant tokens of these conversations JSONL (tokenized only)")
+
+
+def _vocab(sub) -> None:
+    p = sub.add_parser("vocab", help="choose the draft vocabulary (most frequent assistant tokens) and write d2t")
+    _vocab_sources(p)
     p.add_argument("--out", default=None, help="vocab file (default: CACHE/vocab.safetensors of the first cache)")
     _model_args(p)
 
@@ -132,26 +154,47 @@ def _vocab(sub) -> None:
         from specdec.train.cache import VOCAB_FILE, target_fingerprint
         from specdec.train.vocab import choose_vocab, save_vocab
 
-        import torch
-        from tqdm import tqdm
-
-        from specdec.train.data import read_conversations
-        from specdec.train.extract import tokenize_chat
-
         runner = _runner(args)
         sequences = _load_caches(runner, args.cache)
-        extra = torch.zeros(runner.vocab_size, dtype=torch.int64)
-        for path in args.data:
-            conversations, report = read_conversations(path)
-            report.warn(path)
-            for messages in tqdm(conversations, desc=f"count {Path(path).name}", unit="conv"):
-                ids, mask = tokenize_chat(runner.tokenizer, messages)
-                extra += torch.bincount(torch.tensor(ids)[torch.tensor(mask)], minlength=runner.vocab_size)
+        extra = _count_data(runner, args.data)
         d2t, coverage = choose_vocab(sequences, args.size, runner.vocab_size, runner.eos_token_ids, extra)
         out = args.out or str(Path(args.cache[0]) / VOCAB_FILE)
         save_vocab(out, d2t, target_fingerprint(runner), coverage)
         tokens = sum(int(s.mask.sum()) for s in sequences)
         return _print({"vocab": out, "size": args.size, "assistant_tokens": tokens, "coverage": round(coverage, 4)})
+
+    p.set_defaults(train_handler=run)
+
+
+def _shrink(sub) -> None:
+    p = sub.add_parser(
+        "shrink",
+        help="copy a trained head with a smaller draft vocabulary: the --size most frequent of its own tokens",
+        description="A trained head keeps its weights with fewer draft tokens (its draft LM head is rows of the "
+        "target's frozen one), and each drafting step's LM head gets cheaper in proportion. Tokens are ranked by "
+        "how often they occur among the assistant tokens of --cache (and --data); the head's end-of-sequence "
+        "token is always kept.",
+    )
+    p.add_argument("--head", required=True, help="trained head directory")
+    _vocab_sources(p)
+    p.add_argument("--out", required=True, help="directory for the copy (may be --head itself)")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.drafter import load_head
+        from specdec.train.vocab import choose_vocab
+
+        runner = _runner(args)
+        head = load_head(runner, args.head)
+        sequences = _load_caches(runner, args.cache)
+        extra = _count_data(runner, args.data)
+        own = head.d2t.cpu()
+        _, before = choose_vocab(sequences, own.numel(), runner.vocab_size, extra=extra, candidates=own)
+        d2t, after = choose_vocab(sequences, args.size, runner.vocab_size, runner.eos_token_ids, extra, candidates=own)
+        head.with_draft_vocab(d2t).save(args.out)
+        return _print(
+            {"head": args.out, "size": args.size, "was": own.numel(), "coverage": round(after, 4), "coverage_before": round(before, 4)}
+        )
 
     p.set_defaults(train_handler=run)
 
@@ -280,7 +323,7 @@ def _agreement(sub) -> None:
     p.set_defaults(train_handler=run)
 
 
-SUBCOMMANDS: list[Callable] = [_extract, _prompts, _regenerate, _vocab, _fit, _evaluate, _agreement]
+SUBCOMMANDS: list[Callable] = [_extract, _prompts, _regenerate, _vocab, _shrink, _fit, _evaluate, _agreement]
 
 
 def train_parser(sub) -> Callable[[argparse.Namespace], int]:

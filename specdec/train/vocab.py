@@ -20,18 +20,29 @@ def count_tokens(sequences: list[Sequence], vocab_size: int) -> torch.Tensor:
 
 
 def choose_vocab(
-    sequences: list[Sequence], size: int, vocab_size: int, always: tuple[int, ...] = (), extra: torch.Tensor | None = None
+    sequences: list[Sequence],
+    size: int,
+    vocab_size: int,
+    always: tuple[int, ...] = (),
+    extra: torch.Tensor | None = None,
+    candidates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, float]:
     """The `size` most frequent tokens among assistant tokens (plus `always`, e.g. EOS), as an
     ascending d2t tensor, and the share of assistant tokens they cover. `extra` adds counts
-    from text that has no features (e.g. more conversations, only tokenized)."""
-    if not 0 < size <= vocab_size:
-        raise ConfigError(f"draft vocabulary size must be in 1..{vocab_size}, got {size}")
+    from text that has no features (e.g. more conversations, only tokenized). `candidates`
+    (target ids) limits the choice to them, e.g. to shrink a trained head's vocabulary."""
+    pool = vocab_size if candidates is None else candidates.numel()
+    if not 0 < size <= pool:
+        raise ConfigError(f"draft vocabulary size must be in 1..{pool}, got {size}")
     counts = count_tokens(sequences, vocab_size)
     if extra is not None:
         counts += extra
     ranked = counts.clone()
     ranked[list(always)] = counts.max() + 1
+    if candidates is not None:
+        excluded = torch.ones(vocab_size, dtype=torch.bool)
+        excluded[candidates] = False
+        ranked[excluded] = -1
     chosen = torch.topk(ranked, size).indices.sort().values
     total = int(counts.sum())
     return chosen, (float(counts[chosen].sum()) / total if total else 0.0)
