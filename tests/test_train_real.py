@@ -40,3 +40,32 @@ def test_shipped_head_decodes_like_the_target(runner: TargetRunner, name: str):
         assert spec.token_ids == plain.token_ids, prompt
         accepted += sum(spec.stats.accepted_per_round)
     assert accepted > 0  # a trained head gets drafts accepted
+
+
+def test_shrink_command_keeps_a_shipped_head_lossless(runner: TargetRunner, tmp_path: Path, capsys):
+    """`specdec train shrink` on the real target: the copy drafts over the most frequent of the
+    head's own tokens (counted in a small cache of real conversations) and decodes losslessly."""
+    import json
+
+    from specdec.cli import main
+    from specdec.head import DraftHead
+    from specdec.train.extract import extract
+
+    conversations = tmp_path / "conv.jsonl"
+    rows = [[{"role": "user", "content": p}, {"role": "assistant", "content": f"Here is my answer to: {p}"}] for p in PROMPTS]
+    conversations.write_text("".join(json.dumps({"messages": m}) + "\n" for m in rows))
+    extract(runner, conversations, tmp_path / "cache", max_len=128, progress=False)
+    head = HEADS / SHIPPED[0]
+    assert main(["train", "shrink", "--head", str(head), "--cache", str(tmp_path / "cache"), "--size", "512", "--out", str(tmp_path / "small")]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["size"] == 512 and report["was"] == json.loads((head / "config.json").read_text())["draft_vocab_size"]
+    assert 0 < report["coverage"] <= report["coverage_before"] <= 1
+    small = DraftHead.load(tmp_path / "small", runner.embed_tokens, runner.lm_head.weight, runner.config)
+    full = DraftHead.load(head, runner.embed_tokens, runner.lm_head.weight, runner.config)
+    assert small.cfg.draft_vocab_size == 512 and set(small.d2t.tolist()) <= set(full.d2t.tolist())
+    drafter = load_head_drafter(runner, str(tmp_path / "small"), TreeConfig())
+    ids = runner.encode(PROMPTS[0], chat=True)
+    plain = Generation(runner, ids, stop=StopConfig(max_new_tokens=24))
+    spec = Generation(runner, ids, stop=StopConfig(max_new_tokens=24), drafter=drafter)
+    list(plain), list(spec)
+    assert spec.token_ids == plain.token_ids
