@@ -103,7 +103,8 @@ inline __m256 hsum8(const __m256 a[8]) {
 
 // One query (head_dim = 8 * V) against `count` keys and values: softmax(q.k * scale) . v into
 // o. The keys are rows slots[s] of k and v, or rows 0..count-1 when slots is null. p: scratch
-// of count rounded up to 8 floats. The s-th score is computed the same way for a given count.
+// of count rounded up to 8 floats. Every score, the total and the weighted sum are computed by
+// the same operations whatever count is, so a row's result depends only on the keys it sees.
 template <int V>
 void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t count, float scale, float* p, float* o) {
   constexpr int64_t hd = 8 * V;
