@@ -259,17 +259,14 @@ class DraftHead(nn.Module):
         do not depend on which rows. Only ids this head was trained on may be kept (its softmax
         never saw the others, so their logits mean nothing)."""
         d2t = d2t.to(torch.int64).cpu()
-        trained = set(self.d2t.tolist())
-        if d2t.numel() == 0 or not all(int(t) in trained for t in d2t):
+        if d2t.numel() == 0 or not torch.isin(d2t, self.d2t.cpu()).all():
             raise ConfigError("the new draft vocabulary must be a non-empty subset of the head's own")
         if not torch.equal(d2t, d2t.unique()):
             raise ConfigError("d2t must be ascending and unique")
         param = self.fc.weight
         copy = DraftHead(replace(self.cfg, draft_vocab_size=d2t.numel()), self.embed_tokens[0], self._lm_head_full)
-        loaded = copy.load_state_dict({k: v for k, v in self.state_dict().items() if k != "d2t"}, strict=False)
-        if loaded.missing_keys != ["d2t"] or loaded.unexpected_keys:
-            raise RuntimeError(f"head copy mismatch: {loaded}")
-        copy.set_draft_vocab(d2t)
+        copy.load_state_dict({**self.state_dict(), "d2t": d2t})
+        copy._refresh_lm_head()
         return copy.to(param.device, param.dtype)
 
     def _refresh_lm_head(self) -> None:

@@ -83,8 +83,8 @@ void tile_rows(const float* x, int64_t K, const uint8_t* qs, const float* d, con
   for (; n < n1; ++n) tile<Q4, MR, 1>(x, K, qs + n * row_bytes, row_bytes, d + n * blocks, Q4 ? m + n * blocks : nullptr, y + n, N);
 }
 
-// Rows n0..n1 of W against all M rows of x, up to 8 rows of x at a time; with fewer than four
-// rows of x, several rows of W share a tile (measured here: one or two rows of x on one row of
+// Rows n0..n1 of W against all M rows of x, up to 8 rows of x at a time; with up to four rows
+// of x, several Q4_1 rows of W share a tile (measured here: one or two rows of x on one row of
 // W were bound by the latency of their one or two FMA chains).
 template <bool Q4>
 void matmul_rows(const float* x, int64_t M, int64_t K, const uint8_t* qs, const float* d, const float* m,

@@ -3,10 +3,10 @@
 Why: on the CPU a one-token step of the default target costs about 16 ms, mostly reading its
 weights, while each further row of the same call costs about 4-5 ms (`specdec costs`), so 8-16
 sequences stepped together make far more tokens per second than one (on 32 self-written
-prompts: 153 answer tokens/s, against 68 for Hugging Face's `generate` with batch 32). All sequences share one cache: every call writes its rows' keys
-and values at the next free slots, and a mask lets each row see only the slots of its own
-sequence, so a sequence's position in the cache never matters (positions are passed
-explicitly). On the C++ decoder stack each row is computed as in a one-token step, bit for bit.
+prompts: 153 answer tokens/s, against 68 for Hugging Face's `generate` with batch 32). All
+sequences share one cache: every call writes its rows' keys and values at the next free slots,
+and a mask lets each row see only the slots of its own sequence, so a sequence's position in
+the cache never matters (positions are passed explicitly). On the C++ decoder stack each row is computed as in a one-token step, bit for bit.
 A finished sequence leaves the batch at once and a waiting prompt takes its place; the slots
 of finished sequences are squeezed out once they are half of the cache.
 """
