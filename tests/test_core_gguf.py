@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from specdec.gguf_linear import (
     GGUFLinear,
     QuantWeight,
+    build_kernel,
+    has_vnni,
     kernel,
     kernels_enabled,
     match_rows,
@@ -48,11 +50,19 @@ def test_kernel_equals_the_float32_product_of_the_decoded_weights(q4, rows):
         torch.testing.assert_close(layer(x[None]), F.linear(x, weight)[None], atol=2e-5, rtol=1e-5)
 
 
+def quantize_activations(x: torch.Tensor) -> torch.Tensor:
+    """x rounded as the kernel rounds it: per block of 32, to multiples of max|x| / 127."""
+    blocks = x.view(*x.shape[:-1], -1, 32)
+    step = blocks.abs().amax(-1, keepdim=True) / 127
+    return (torch.where(step > 0, blocks / step, 0.0).round() * step).view_as(x)
+
+
+@pytest.mark.parametrize("q4", [True, False])
 @pytest.mark.parametrize("rows", [1, 3, 4, 5, 9])
-def test_int8_activations_err_by_at_most_their_rounding(rows):
+def test_int8_activations_err_by_at_most_their_rounding(q4, rows):
     """x rounded to int8 per block of 32 moves each element by at most half its block's step
     d = max|x| / 127, so |y - x @ W.T| <= sum over blocks of d/2 * sum |w| (plus float slack)."""
-    quant = random_quant(40, 128, False, seed=rows)
+    quant = random_quant(40, 128, q4, seed=rows)
     weight = quant.dequantize()
     x = torch.randn(rows, 128)
     layer = GGUFLinear(quant, PackedLinear(weight), int8_activations=True)
@@ -63,8 +73,39 @@ def test_int8_activations_err_by_at_most_their_rounding(rows):
     error = (y - F.linear(x, weight)).abs()
     assert (error <= bound + 1e-4).all()
     assert error.max() > 0  # really quantized
-    with pytest.raises(ValueError):
-        GGUFLinear(random_quant(8, 32, True), PackedLinear(torch.zeros(8, 32)), int8_activations=True)
+
+
+@pytest.mark.parametrize("q4", [True, False])
+@pytest.mark.parametrize("k", [32, 96, 128, 576])  # odd and even block counts
+def test_int8_products_are_exact_on_the_rounded_input_and_independent_of_other_rows(q4, k):
+    """The kernel's integer sums are exact: its result is the float64 product of the rounded x
+    and the decoded weights up to float32 rounding; and a row's result is the same bits
+    whether it comes alone or with up to 16 others (rows go through tiles of 1 to 8)."""
+    quant = random_quant(70, k, q4, seed=k)
+    x = torch.randn(17, k)
+    ext = kernel()
+    with torch.inference_mode():
+        y = ext.gguf_matmul(x, quant.qs, quant.d, quant.m, q4, True)
+        exact = quantize_activations(x).double() @ quant.dequantize().double().T
+        torch.testing.assert_close(y.double(), exact, atol=1e-5, rtol=1e-5)
+        for rows in (1, 2, 5, 8, 9, 16):
+            part = ext.gguf_matmul(x[:rows].contiguous(), quant.qs, quant.d, quant.m, q4, True)
+            assert torch.equal(part, y[:rows])
+
+
+@pytest.mark.skipif(not has_vnni(), reason="no AVX-512 VNNI here: only the AVX2 build exists")
+def test_the_avx2_build_gives_the_vnni_builds_int8_products_bit_for_bit():
+    """Served models must decode the same on every CPU: the AVX2 build makes the same integer
+    sums and the same float operations as the VNNI one (gguf_blocks.h)."""
+    avx2, vnni = build_kernel(False), build_kernel(True)
+    assert avx2 is not None and vnni is not None and avx2 is not vnni
+    for q4 in (True, False):
+        for k in (96, 576):
+            quant = random_quant(130, k, q4, seed=k)
+            x = torch.randn(11, k)
+            for rows in (1, 3, 8, 11):
+                args = (x[:rows].contiguous(), quant.qs, quant.d, quant.m, q4, True)
+                assert torch.equal(avx2.gguf_matmul(*args), vnni.gguf_matmul(*args))
 
 
 def test_decoding_follows_ggml_nibble_order_and_formulas():

@@ -64,10 +64,27 @@ def test_stack_causal_chunk_after_a_prefix_matches_the_python_forward():
     torch.testing.assert_close(out[True], out[False], atol=1e-5, rtol=1e-5)
 
 
+def test_stack_with_int8_activations_matches_the_python_forward_on_them():
+    """The int8 stack and the per-layer Python path over the same int8 products agree; both
+    differ from the float32-activation forward by the activations' rounding only."""
+    rng = random.Random(7)
+    runner = tiny_gguf_runner(7, int8_activations=True)
+    prompt = [rng.randrange(VOCAB) for _ in range(9)]
+    tree = random_tree(rng, prompt[-1], 6)
+    logits, features = run(runner, prompt[:-1], tree, stack=True)
+    ref_logits, ref_features = run(runner, prompt[:-1], tree, stack=False)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-4, rtol=1e-5)
+    float_logits, _ = run(tiny_gguf_runner(7), prompt[:-1], tree, stack=True)
+    assert not torch.equal(logits, float_logits)
+    torch.testing.assert_close(logits, float_logits, atol=0.05, rtol=0.05)
+
+
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("seed", range(4))
-def test_tree_rows_equal_one_token_steps_bit_for_bit(seed):
+def test_tree_rows_equal_one_token_steps_bit_for_bit(seed, int8):
     rng = random.Random(seed)
-    runner = tiny_gguf_runner(seed)
+    runner = tiny_gguf_runner(seed, int8_activations=int8)
+    assert runner.lean._stack.int8_activations == int8
     prompt = [rng.randrange(VOCAB) for _ in range(rng.randrange(2, 12))]
     tree = random_tree(rng, prompt[-1], 12)
     logits, features = run(runner, prompt[:-1], tree, stack=True)
@@ -80,9 +97,10 @@ def test_tree_rows_equal_one_token_steps_bit_for_bit(seed):
         assert torch.equal(step_logits[0], logits[node]) and torch.equal(step_features[0], features[node])
 
 
+@pytest.mark.parametrize("int8", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_greedy_speculative_equals_plain_on_the_stack(seed):
-    runner = tiny_gguf_runner(seed)
+def test_greedy_speculative_equals_plain_on_the_stack(seed, int8):
+    runner = tiny_gguf_runner(seed, int8_activations=int8)
     prompt = prompt_for(seed)
     plain, _ = decode(runner, prompt)
     drafter = tiny_drafter(runner, seed=seed, variant="fspad" if seed % 2 else "eagle2")
@@ -129,7 +147,7 @@ def test_stack_refuses_bad_arguments():
     cache = lean.new_cache(capacity=4)
     x = lean.embed(torch.arange(3))
     cos, sin = lean.cos[:3], lean.sin[:3]
-    args = (stack.norms, stack.blocks, stack.q4, lean.heads, lean.kv_heads, lean.scale, stack.eps)
+    args = (stack.norms, stack.blocks, stack.q4, lean.heads, lean.kv_heads, lean.scale, stack.eps, stack.int8_activations)
     with pytest.raises(RuntimeError, match="too small"):
         stack.kernel.decoder_forward(x.clone(), cache.data, 2, cos, sin, None, *args)
     with pytest.raises(RuntimeError, match="mask"):

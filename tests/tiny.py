@@ -77,9 +77,10 @@ _GGUF_LAYER = {
 }
 
 
-def tiny_gguf_runner(seed: int = 0, **kw) -> TargetRunner:
+def tiny_gguf_runner(seed: int = 0, int8_activations: bool = False, **kw) -> TargetRunner:
     """A tiny target whose weights are replaced by GGUF blocks (and their exact float32 decoding),
-    running on the block kernels and the C++ decoder stack as the default target does."""
+    running on the block kernels and the C++ decoder stack as the default target does (with
+    float32 or int8 activations)."""
     runner = tiny_runner(seed, **kw)
     model, weights = runner.model, {}
     with torch.no_grad():
@@ -93,7 +94,7 @@ def tiny_gguf_runner(seed: int = 0, **kw) -> TargetRunner:
         model.lm_head.weight.copy_(quant.dequantize())
         weights["output.weight"] = quant
     runner.lean = LeanLlama(model)
-    runner.lean.use_gguf(model, weights)
+    runner.lean.use_gguf(model, weights, int8_activations)
     return runner
 
 

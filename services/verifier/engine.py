@@ -46,7 +46,7 @@ def build_engine(settings) -> Engine:
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
-    runner = TargetRunner.load(settings.model, DTYPES[settings.dtype], settings.device)
+    runner = TargetRunner.load(settings.model, DTYPES[settings.dtype], settings.device, settings.activations)
     name = settings.served_model_name or runner.name
     if settings.drafter == "none":
         return Engine(runner, None, "none", name, settings.drafter_retry_rounds)

@@ -35,6 +35,9 @@ class VerifierSettings(BaseSettings):
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="target weights dtype")
     device: str = Field("cpu", description="torch device, e.g. cpu or cuda")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch (default: torch's choice)")
+    activations: Literal["float32", "int8"] = Field(
+        "float32", description="inputs of the default target's 4-bit products: float32 (exact model) or int8 (llama.cpp's way, faster)"
+    )
     served_model_name: str | None = Field(None, description="model id in the API (default: the target's name)")
     head: str | None = Field(None, description="embedded drafter: head directory or 'random' (default: the shipped head)")
     top_k: int = Field(_TREE.top_k, ge=1, description="embedded drafter: children expanded per draft node")

@@ -23,10 +23,12 @@ namespace specdec {
 // mask: bool [n, start+n] (True = may attend) or none (causal: row i sees slots 0..start+i).
 // norms: input and post-attention norm weights per layer; blocks: (qs, d, m) of the fused
 // q/k/v, output, fused gate/up and down projections per layer, q4 their kinds.
+// int8_activations: every product quantizes its input to int8 blocks (gguf_blocks.h: lossy
+// against float32, but the same for every row whatever the call, so the guarantee above holds).
 torch::Tensor decoder_forward(torch::Tensor x, torch::Tensor kv, int64_t start, torch::Tensor cos, torch::Tensor sin,
                               std::optional<torch::Tensor> mask, std::vector<torch::Tensor> norms,
                               std::vector<torch::Tensor> blocks, std::vector<bool> q4, int64_t heads, int64_t kv_heads,
-                              double scale, double eps) {
+                              double scale, double eps, bool int8_activations) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [n, d]");
   TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 5 && kv.is_contiguous(), "kv must be contiguous float32 [L, 2, hk, cap, hd]");
   const int64_t n = x.size(0), d = x.size(1), layers = kv.size(0), hk = kv.size(2), capacity = kv.size(3), hd = kv.size(4);
@@ -57,17 +59,17 @@ torch::Tensor decoder_forward(torch::Tensor x, torch::Tensor kv, int64_t start, 
     TORCH_CHECK(wqkv.N == qkv_width && wo.N == d && wgu.N == 2 * inner && wdown.N == d, "projection shapes do not match the model");
     TORCH_CHECK(norms[2 * l].numel() == d && norms[2 * l + 1].numel() == d, "norm weights must have d elements");
     rms_norm(xp, norms[2 * l].data_ptr<float>(), n, d, feps, np);
-    block_matmul(np, n, wqkv, qp);
+    block_matmul_any(np, n, wqkv, qp, int8_activations);
     float* keys = kvp + (l * 2 + 0) * hk * capacity * hd;
     float* values = kvp + (l * 2 + 1) * hk * capacity * hd;
     rotate_and_store(qp, n, heads, hk, hd, cp, sp, keys, values, capacity, start);
     Attention{qp, keys, values, mask_ptr, n, start, end, heads, hk, hd, capacity, static_cast<float>(scale), ap}.run();
-    block_matmul(ap, n, wo, pp);
+    block_matmul_any(ap, n, wo, pp, int8_activations);
     for (int64_t j = 0; j < n * d; ++j) xp[j] += pp[j];
     rms_norm(xp, norms[2 * l + 1].data_ptr<float>(), n, d, feps, np);
-    block_matmul(np, n, wgu, gp);
+    block_matmul_any(np, n, wgu, gp, int8_activations);
     silu_mul(gp, gp + inner, 2 * inner, n, inner, actp);
-    block_matmul(actp, n, wdown, pp);
+    block_matmul_any(actp, n, wdown, pp, int8_activations);
     for (int64_t j = 0; j < n * d; ++j) xp[j] += pp[j];
   }
   return x;

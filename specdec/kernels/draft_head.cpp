@@ -45,11 +45,7 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
     return w;
   };
   const auto mm = [int8_activations](const float* x, int64_t rows, const BlockWeight& w, float* y) {
-    if (int8_activations) {
-      block_matmul_q8(x, rows, w, y);
-    } else {
-      block_matmul(x, rows, w, y);
-    }
+    block_matmul_any(x, rows, w, y, int8_activations);
   };
   const BlockWeight fc = weight(2 * d, d);
   const int64_t qkv_width = (heads + 2 * kv_heads) * hd;

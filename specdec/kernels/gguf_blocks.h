@@ -140,68 +140,215 @@ inline void block_matmul(const float* x, int64_t M, const BlockWeight& w, float*
   });
 }
 
-// Lossy and only for the draft head: x quantized to int8 per block of 32 (xq = round(x / dx),
-// dx = max|x| / 127, as llama.cpp's Q8_0 activations), so that a block's dot product with a
-// Q8_0 weight row is integer multiply-adds (32 products in three instructions) scaled once by
-// dw * dx. About twice the throughput of decoding the weights to float32.
+// Lossy, opt-in: x quantized to int8 per block of 32 (xq = round(x / dx), dx = max|x| / 127,
+// as llama.cpp quantizes activations for its 4- and 8-bit weights), so that a block's dot
+// product with a weight row is exact integer multiply-adds scaled once: Q8_0 w = dw*q gives
+// dw*dx*sum(q*xq); Q4_1 w = dw*q + mw gives dw*dx*sum(q*xq) + mw*sx with sx = dx*sum(xq).
+// With AVX-512 (BW, VL, VNNI) one instruction makes two blocks' 64 products and their sums in
+// 16 lanes; without it AVX2 makes the same exact integers, block by block, into two 8-lane
+// accumulators (even and odd blocks) that hold what the two halves of the 16 lanes hold, so
+// both builds give the same floats. A row's result does not depend on the other rows.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define SPECDEC_VNNI 1
+#endif
+
+// x quantized, in groups of up to 8 rows (what one tile multiplies with a weight row), each
+// group laid out block pair by block pair: for pair p and row r the 64 bytes of blocks 2p and
+// 2p+1 (a last odd block: its 32), so a tile reads every row of a pair at fixed offsets from
+// one pointer. d8 holds each block's dx eight times (one per lane) in the same order; s is
+// dx * sum(xq) per block, row by row.
 struct QuantRows {
+  int64_t M, K, blocks;
   std::vector<int8_t> q;
-  std::vector<float> d;
+  std::vector<float> d8, s;
+
+  // Where block g of row r starts, counted in blocks.
+  int64_t slot(int64_t r, int64_t g) const {
+    const int64_t first = r & ~int64_t{7}, rows = std::min<int64_t>(8, M - first), pair = g / 2;
+    const int64_t width = 2 * pair + 1 < blocks ? 2 : 1;
+    return first * blocks + pair * 2 * rows + (r - first) * width + (g & 1);
+  }
 };
 
 inline QuantRows quantize_rows(const float* x, int64_t M, int64_t K) {
-  QuantRows out{std::vector<int8_t>(M * K), std::vector<float>(M * K / kBlock)};
-  for (int64_t b = 0; b < M * K / kBlock; ++b) {
-    const float* xb = x + b * kBlock;
-    float amax = 0.0f;
-    for (int64_t j = 0; j < kBlock; ++j) amax = std::max(amax, std::fabs(xb[j]));
-    const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
-    out.d[b] = d;
-    for (int64_t j = 0; j < kBlock; ++j) out.q[b * kBlock + j] = static_cast<int8_t>(std::nearbyint(xb[j] * inv));
+  const int64_t blocks = K / kBlock;
+  QuantRows out{M, K, blocks, std::vector<int8_t>(M * K), std::vector<float>(8 * M * blocks), std::vector<float>(M * blocks)};
+  const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+  for (int64_t r = 0; r < M; ++r) {
+    for (int64_t g = 0; g < blocks; ++g) {
+      const float* xb = x + r * K + g * kBlock;
+      __m256 v[4], amax = _mm256_setzero_ps();
+      for (int i = 0; i < 4; ++i) {
+        v[i] = _mm256_loadu_ps(xb + 8 * i);
+        amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
+      }
+      __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+      m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+      m = _mm_max_ss(m, _mm_movehdup_ps(m));
+      const float d = _mm_cvtss_f32(m) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      const __m256 vinv = _mm256_set1_ps(inv);
+      __m256i q[4], sum = _mm256_setzero_si256();
+      for (int i = 0; i < 4; ++i) {  // round half to even, as std::nearbyint
+        q[i] = _mm256_cvtps_epi32(_mm256_round_ps(_mm256_mul_ps(v[i], vinv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+        sum = _mm256_add_epi32(sum, q[i]);
+      }
+      // int32 -> int8 in element order: the packs work within 128-bit lanes, the permutes undo that.
+      const __m256i p8 = _mm256_packs_epi16(_mm256_permute4x64_epi64(_mm256_packs_epi32(q[0], q[1]), 0xD8),
+                                            _mm256_permute4x64_epi64(_mm256_packs_epi32(q[2], q[3]), 0xD8));
+      const int64_t at = out.slot(r, g);
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out.q.data() + at * kBlock), _mm256_permute4x64_epi64(p8, 0xD8));
+      __m128i s = _mm_add_epi32(_mm256_castsi256_si128(sum), _mm256_extracti128_si256(sum, 1));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
+      s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
+      _mm256_storeu_ps(out.d8.data() + 8 * at, _mm256_set1_ps(d));
+      out.s[r * blocks + g] = d * static_cast<float>(_mm_cvtsi128_si32(s));
+    }
   }
   return out;
 }
 
-template <int MR>
-void tile_q8(const int8_t* xq, const float* dx, int64_t K, const int8_t* wq, const float* dw, float* y, int64_t N) {
-  const __m256i ones = _mm256_set1_epi16(1);
-  const int64_t blocks = K / kBlock;
-  __m256 acc[MR];
-  for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
-  for (int64_t g = 0; g < blocks; ++g) {
-    const __m256i w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wq + g * kBlock));
-    const __m256i aw = _mm256_sign_epi8(w, w);  // |w|, unsigned for maddubs; the sign moves to x
-    for (int r = 0; r < MR; ++r) {
-      const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + r * K + g * kBlock));
-      const __m256i dot = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(x, w)), ones);
-      acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(dw[g] * dx[r * blocks + g]), _mm256_cvtepi32_ps(dot), acc[r]);
-    }
+// The 32 weights of block g as unsigned bytes in element order and (Q8_0) the signed ones:
+// Q4_1 nibbles as they are (byte j: element j low, j + 16 high); Q8_0 |w|, its sign to go to x.
+template <bool Q4>
+inline void weight_bytes(const uint8_t* row, int64_t g, __m256i& unsigned_w, __m256i& signed_w) {
+  if constexpr (Q4) {
+    const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row + g * kBlock / 2));
+    unsigned_w = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16(bytes, 4), bytes), _mm256_set1_epi8(0x0F));
+    signed_w = unsigned_w;
+  } else {
+    signed_w = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + g * kBlock));
+    unsigned_w = _mm256_sign_epi8(signed_w, signed_w);
   }
-  for (int r = 0; r < MR; ++r) y[r * N] = hsum(acc[r]);
 }
 
-// y [M, N] ~= x [M, K] @ W.T for a Q8_0 weight, x quantized as above.
-inline void block_matmul_q8(const float* x, int64_t M, const BlockWeight& w, float* y) {
-  TORCH_CHECK(!w.q4, "int8 activations need a Q8_0 weight");
+// Sums of u[i] * s[i] over groups of four bytes (u unsigned, s signed), exact in int32.
+inline __m256i dot_u8s8(__m256i u, __m256i s) {
+#ifdef SPECDEC_VNNI
+  return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+#else
+  return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));  // no pair reaches 2^15
+#endif
+}
+
+// acc = fma(dw*dx, the 8 lane sums of one block's integer products, acc) for one block.
+template <bool Q4>
+inline __m256 block_step(__m256i u, __m256i sw, const int8_t* x, const float* dx8, float dw, __m256 acc) {
+  const __m256i xq = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x));
+  const __m256i dot = dot_u8s8(u, Q4 ? xq : _mm256_sign_epi8(xq, sw));
+  return _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(dw), _mm256_loadu_ps(dx8)), _mm256_cvtepi32_ps(dot), acc);
+}
+
+// Weight rows n0..n1 against one group of MR rows of xq (xg, dg: the group's q and d8; sg its
+// s). Per row of W, row of x and lane: acc_even sums the even blocks' block_step, acc_odd the
+// odd ones'; the result is the lane sum of acc_even + acc_odd plus (Q4_1) mw . sx in 8 lanes.
+template <bool Q4, int MR>
+void tile_int8(const int8_t* xg, const float* dg, const float* sg, const BlockWeight& w, int64_t n0, int64_t n1, float* y) {
+  const int64_t K = w.K, blocks = K / kBlock, pairs = blocks / 2, row_bytes = Q4 ? K / 2 : K;
+  for (int64_t n = n0; n < n1; ++n) {
+    const uint8_t* row = w.qs + n * row_bytes;
+    const float* dw = w.d + n * blocks;
+    __m256 sums[MR];
+#ifdef SPECDEC_VNNI
+    __m512 acc[MR];
+    for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+    const int8_t* xp = xg;
+    const float* dp = dg;
+    for (int64_t p = 0; p < pairs; ++p, xp += MR * 2 * kBlock, dp += MR * 16) {
+      __m256i u0, s0, u1, s1;
+      weight_bytes<Q4>(row, 2 * p, u0, s0);
+      weight_bytes<Q4>(row, 2 * p + 1, u1, s1);
+      const __m512i uw = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
+      const __mmask64 negative = Q4 ? 0 : _mm512_movepi8_mask(_mm512_inserti64x4(_mm512_castsi256_si512(s0), s1, 1));
+      const __m512 scale = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(dw[2 * p]))),
+                                                               _mm256_castps_pd(_mm256_set1_ps(dw[2 * p + 1])), 1));
+      for (int r = 0; r < MR; ++r) {
+        __m512i x = _mm512_loadu_si512(xp + r * 2 * kBlock);
+        if constexpr (!Q4) x = _mm512_mask_sub_epi8(x, negative, _mm512_setzero_si512(), x);
+        const __m512i dot = _mm512_dpbusd_epi32(_mm512_setzero_si512(), uw, x);
+        acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(scale, _mm512_loadu_ps(dp + r * 16)), _mm512_cvtepi32_ps(dot), acc[r]);
+      }
+    }
+    __m256i u, sw;
+    if (blocks & 1) weight_bytes<Q4>(row, blocks - 1, u, sw);
+    for (int r = 0; r < MR; ++r) {
+      __m256 even = _mm512_castps512_ps256(acc[r]);
+      if (blocks & 1) even = block_step<Q4>(u, sw, xp + r * kBlock, dp + r * 8, dw[blocks - 1], even);
+      sums[r] = _mm256_add_ps(even, _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(acc[r]), 1)));
+    }
+#else
+    __m256 acc[2][MR];
+    for (int r = 0; r < MR; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
+    for (int64_t g = 0; g < blocks; ++g) {
+      __m256i u, sw;
+      weight_bytes<Q4>(row, g, u, sw);
+      const int64_t p = g / 2, width = 2 * p + 1 < blocks ? 2 : 1, h = g & 1;
+      for (int r = 0; r < MR; ++r) {
+        const int64_t at = p * 2 * MR + r * width + h;  // QuantRows::slot within the group
+        acc[h][r] = block_step<Q4>(u, sw, xg + at * kBlock, dg + at * 8, dw[g], acc[h][r]);
+      }
+    }
+    for (int r = 0; r < MR; ++r) sums[r] = _mm256_add_ps(acc[0][r], acc[1][r]);
+#endif
+    for (int r = 0; r < MR; ++r) {
+      float out = hsum(sums[r]);
+      if constexpr (Q4) {
+        const float *mw = w.m + n * blocks, *s = sg + r * blocks;
+        __m256 off = _mm256_setzero_ps();
+        int64_t b = 0;
+        for (; b + 8 <= blocks; b += 8) off = _mm256_fmadd_ps(_mm256_loadu_ps(mw + b), _mm256_loadu_ps(s + b), off);
+        float tail = 0.0f;
+        for (; b < blocks; ++b) tail = std::fma(mw[b], s[b], tail);
+        out += hsum(off) + tail;
+      }
+      y[r * w.N + n] = out;
+    }
+  }
+}
+
+template <bool Q4>
+void tile_int8_group(int64_t rows, const int8_t* xg, const float* dg, const float* sg, const BlockWeight& w, int64_t n0,
+                     int64_t n1, float* y) {
+  switch (rows) {
+    case 1: tile_int8<Q4, 1>(xg, dg, sg, w, n0, n1, y); break;
+    case 2: tile_int8<Q4, 2>(xg, dg, sg, w, n0, n1, y); break;
+    case 3: tile_int8<Q4, 3>(xg, dg, sg, w, n0, n1, y); break;
+    case 4: tile_int8<Q4, 4>(xg, dg, sg, w, n0, n1, y); break;
+    case 5: tile_int8<Q4, 5>(xg, dg, sg, w, n0, n1, y); break;
+    case 6: tile_int8<Q4, 6>(xg, dg, sg, w, n0, n1, y); break;
+    case 7: tile_int8<Q4, 7>(xg, dg, sg, w, n0, n1, y); break;
+    default: tile_int8<Q4, 8>(xg, dg, sg, w, n0, n1, y); break;
+  }
+}
+
+// y [M, N] ~= x [M, K] @ W.T with x quantized as above: rows of W split across threads, then
+// taken 64 at a time (in cache) against each group of rows of x.
+inline void block_matmul_int8(const float* x, int64_t M, const BlockWeight& w, float* y) {
   const QuantRows xq = quantize_rows(x, M, w.K);
   const int64_t blocks = w.K / kBlock;
   at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
-    for (int64_t n = n0; n < n1; ++n) {
-      const int8_t* wn = reinterpret_cast<const int8_t*>(w.qs) + n * w.K;
-      const float* dn = w.d + n * blocks;
-      for (int64_t r = 0; r < M; r += 4) {
-        const int8_t* xr = xq.q.data() + r * w.K;
-        const float* dr = xq.d.data() + r * blocks;
-        float* yr = y + r * w.N + n;
-        switch (std::min<int64_t>(4, M - r)) {
-          case 1: tile_q8<1>(xr, dr, w.K, wn, dn, yr, w.N); break;
-          case 2: tile_q8<2>(xr, dr, w.K, wn, dn, yr, w.N); break;
-          case 3: tile_q8<3>(xr, dr, w.K, wn, dn, yr, w.N); break;
-          default: tile_q8<4>(xr, dr, w.K, wn, dn, yr, w.N); break;
+    for (int64_t nb = n0; nb < n1; nb += 64) {
+      const int64_t ne = std::min(n1, nb + 64);
+      for (int64_t r = 0; r < M; r += 8) {
+        const int8_t* xg = xq.q.data() + r * w.K;
+        const float *dg = xq.d8.data() + 8 * r * blocks, *sg = xq.s.data() + r * blocks;
+        const int64_t rows = std::min<int64_t>(8, M - r);
+        if (w.q4) {
+          tile_int8_group<true>(rows, xg, dg, sg, w, nb, ne, y + r * w.N);
+        } else {
+          tile_int8_group<false>(rows, xg, dg, sg, w, nb, ne, y + r * w.N);
         }
       }
     }
   });
+}
+
+// Either product: int8 activations (above) or float32 ones (block_matmul).
+inline void block_matmul_any(const float* x, int64_t M, const BlockWeight& w, float* y, bool int8_activations) {
+  if (int8_activations) {
+    block_matmul_int8(x, M, w, y);
+  } else {
+    block_matmul(x, M, w, y);
+  }
 }
 
 }  // namespace specdec

@@ -10,27 +10,22 @@ namespace {
 
 // x: float32 [M, K] contiguous; qs: uint8 [N, K/2] (Q4_1) or [N, K] (Q8_0); d, m: float32
 // [N, K/32] (m empty for Q8_0). Returns float32 [M, N].
-// With int8_activations (Q8_0 weights only) x is quantized per block of 32 first: lossy, for the
-// draft head (gguf_blocks.h).
+// With int8_activations x is quantized per block of 32 first (lossy, opt-in: gguf_blocks.h).
 torch::Tensor gguf_matmul(torch::Tensor x, torch::Tensor qs, torch::Tensor d, torch::Tensor m, bool q4, bool int8_activations) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [M, K]");
   const specdec::BlockWeight w = specdec::block_weight(qs, d, m, q4, x.size(1));
   auto y = torch::empty({x.size(0), w.N}, x.options());
-  if (int8_activations) {
-    specdec::block_matmul_q8(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>());
-  } else {
-    specdec::block_matmul(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>());
-  }
+  specdec::block_matmul_any(x.data_ptr<float>(), x.size(0), w, y.data_ptr<float>(), int8_activations);
   return y;
 }
 
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, module) {
-  module.def("gguf_matmul", &gguf_matmul, "x @ W.T with W in GGUF Q4_1 or Q8_0 blocks (float32, or int8 x for Q8_0)",
+  module.def("gguf_matmul", &gguf_matmul, "x @ W.T with W in GGUF Q4_1 or Q8_0 blocks (float32 or int8 x)",
              py::arg("x"), py::arg("qs"), py::arg("d"), py::arg("m"), py::arg("q4"), py::arg("int8_activations") = false);
   module.def("decoder_forward", &specdec::decoder_forward,
-             "a Llama decoder stack on GGUF blocks over n <= 16 new tokens, writing their KV (see decoder.cpp)");
+             "a Llama decoder stack on GGUF blocks over n new tokens, writing their KV (see decoder.cpp)");
   module.def("head_forward", &specdec::head_forward,
              "the FSPAD / EAGLE-2 draft head on Q8_0 blocks over n new pairs, writing their KV (see draft_head.cpp)");
 }

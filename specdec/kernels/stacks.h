@@ -13,7 +13,7 @@ namespace specdec {
 torch::Tensor decoder_forward(torch::Tensor x, torch::Tensor kv, int64_t start, torch::Tensor cos, torch::Tensor sin,
                               std::optional<torch::Tensor> mask, std::vector<torch::Tensor> norms,
                               std::vector<torch::Tensor> blocks, std::vector<bool> q4, int64_t heads, int64_t kv_heads,
-                              double scale, double eps);
+                              double scale, double eps, bool int8_activations);
 
 std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::Tensor features, torch::Tensor kv, int64_t start,
                                                      torch::Tensor cos, torch::Tensor sin, std::optional<torch::Tensor> mask,
