@@ -113,7 +113,8 @@ def run_generate(args: argparse.Namespace) -> int:
 from specdec.train.cli import train_parser  # noqa: E402 (a light module; its imports are lazy)
 from specdec.bench.cli import bench_parser  # noqa: E402 (its imports are lazy too)
 from specdec.bench.costs import costs_parser  # noqa: E402
-COMMANDS = [_generate_parser, train_parser, bench_parser, costs_parser]
+from specdec.bench.fidelity import fidelity_parser  # noqa: E402
+COMMANDS = [_generate_parser, train_parser, bench_parser, costs_parser, fidelity_parser]
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:

@@ -168,3 +168,13 @@ def test_cli_per_category_takes_the_first_questions_of_each_category(tmp_path, m
     assert set(result["per_category"]) == {"writing", "math"}
     assert main([*argv[:3], "--per-category", "0"]) != 0
     assert "--per-category must be >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["bench", "costs", "fidelity"])
+def test_every_bench_command_has_help_with_the_activations_option(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main([command, "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "--activations" in out and "--threads" in out
+    assert ("--questions" in out) == (command != "costs")

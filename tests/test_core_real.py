@@ -109,3 +109,53 @@ def test_corrupt_head_is_refused(runner, tmp_path):
     with pytest.raises(ConfigError, match="corrupt"):
         load_head_drafter(runner, str(tmp_path / "corrupt"), TreeConfig())
     assert load_head_drafter(runner, str(good), TreeConfig()).head.cfg.hidden_size == 576
+
+
+@pytest.fixture(scope="module")
+def int8_runner() -> TargetRunner:
+    return TargetRunner.load(activations="int8")
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_int8_runner_greedy_speculative_equals_its_plain_decoding_exactly(int8_runner, index):
+    """With int8 activations the runner is a different (llama.cpp-like) model, and speculative
+    decoding is lossless against it bit for bit: no near-tie allowance."""
+    assert int8_runner.lean._stack is not None and int8_runner.lean._stack.int8_activations
+    prompt = int8_runner.encode(dev_prompts(3)[index], chat=True)
+    stop = StopConfig(max_new_tokens=48)
+    plain = Generation(int8_runner, prompt, SamplingParams(), stop)
+    list(plain)
+    spec = Generation(int8_runner, prompt, SamplingParams(), stop, load_head_drafter(int8_runner, None, TreeConfig()))
+    list(spec)
+    assert spec.stats.draft_tokens > 0 and spec.token_ids == plain.token_ids
+
+
+def test_fidelity_compares_int8_answers_with_float32_ones(runner, int8_runner, tmp_path):
+    from specdec.bench.fidelity import compare_runners
+    from specdec.train.data import select_questions
+
+    questions, _ = select_questions(DEV_SET, limit=3)
+    same = compare_runners(runner, runner, questions, 12)
+    assert same["identical"] == same["questions"] == 3 and same["median_first_difference"] is None
+    result = compare_runners(runner, int8_runner, questions, 12)
+    assert result["questions"] == 3 and result["reference_tokens"] == sum(r["tokens"] for r in result["per_question"])
+    for row in result["per_question"]:
+        assert row["identical"] == (row["first_difference"] is None)
+        assert row["identical"] or (0 <= row["first_difference"] <= row["tokens"] and row["margin"] >= 0)
+    out = tmp_path / "fidelity.json"
+    cmd = [sys.executable, "-m", "specdec.cli", "fidelity", "--questions", str(DEV_SET), "--limit", "2"]
+    proc = subprocess.run(cmd + ["--max-new-tokens", "6", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "identical answers" in proc.stdout and json.loads(out.read_text())["questions"] == 2
+
+
+def test_int8_activations_need_the_gguf_target():
+    from specdec.config import ConfigError
+
+    with pytest.raises(ConfigError, match="activations must be one of"):
+        TargetRunner.load(activations="int4")
+    proc = subprocess.run(
+        [sys.executable, "-m", "specdec.cli", "fidelity", "--questions", str(DEV_SET), "--activations", "float32"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2 and "compare the float32 runner with itself" in proc.stderr

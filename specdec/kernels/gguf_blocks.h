@@ -254,11 +254,17 @@ void tile_int8(const int8_t* xg, const float* dg, const float* sg, const BlockWe
     const int8_t* xp = xg;
     const float* dp = dg;
     for (int64_t p = 0; p < pairs; ++p, xp += MR * 2 * kBlock, dp += MR * 16) {
-      __m256i u0, s0, u1, s1;
-      weight_bytes<Q4>(row, 2 * p, u0, s0);
-      weight_bytes<Q4>(row, 2 * p + 1, u1, s1);
-      const __m512i uw = _mm512_inserti64x4(_mm512_castsi256_si512(u0), u1, 1);
-      const __mmask64 negative = Q4 ? 0 : _mm512_movepi8_mask(_mm512_inserti64x4(_mm512_castsi256_si512(s0), s1, 1));
+      __m512i uw;
+      __mmask64 negative = 0;
+      if constexpr (Q4) {  // 16 bytes per block: [B0 | B1] -> [B0 & 15, B0 >> 4, B1 & 15, B1 >> 4]
+        const __m512i b = _mm512_castsi256_si512(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(row + p * kBlock)));
+        const __m512i z = _mm512_shuffle_i64x2(b, b, _MM_SHUFFLE(1, 1, 0, 0));
+        uw = _mm512_and_si512(_mm512_mask_blend_epi64(0xCC, z, _mm512_srli_epi16(z, 4)), _mm512_set1_epi8(0x0F));
+      } else {
+        const __m512i w = _mm512_loadu_si512(row + p * 2 * kBlock);
+        uw = _mm512_abs_epi8(w);
+        negative = _mm512_movepi8_mask(w);
+      }
       const __m512 scale = _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(_mm256_set1_ps(dw[2 * p]))),
                                                                _mm256_castps_pd(_mm256_set1_ps(dw[2 * p + 1])), 1));
       for (int r = 0; r < MR; ++r) {
