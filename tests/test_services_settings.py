@@ -17,6 +17,9 @@ def test_flags_override_environment_override_defaults(monkeypatch) -> None:
     assert (settings.port, settings.drafter, settings.max_queue) == (9002, "10.0.0.5:50051", 0)
     assert settings.api_key.get_secret_value() == "from-env"
     assert parse_verifier([]).port == 9001
+    assert parse_verifier([]).activations == "float32"
+    monkeypatch.setenv("SPECDEC_VERIFIER_ACTIVATIONS", "int8")
+    assert parse_verifier([]).activations == "int8"
 
 
 def test_empty_environment_values_mean_unset(monkeypatch) -> None:
@@ -33,7 +36,7 @@ def test_drafter_tree_settings(monkeypatch) -> None:
     assert (settings.tree().top_k, settings.tree().depth, settings.tree().total_tokens) == (4, 3, 8)
 
 
-@pytest.mark.parametrize("argv", [["--max-queue", "-1"], ["--port", "70000"], ["--dtype", "float8"], ["--drafter-timeout", "0"]])
+@pytest.mark.parametrize("argv", [["--max-queue", "-1"], ["--port", "70000"], ["--dtype", "float8"], ["--drafter-timeout", "0"], ["--activations", "int4"]])
 def test_invalid_verifier_settings_exit_2(argv, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_verifier(argv)
