@@ -171,9 +171,9 @@ def build_kernel(vnni: bool):
 class GGUFLinear(nn.Module):
     """y = x @ W.T (+ bias) from GGUF blocks for inputs of at most `max_rows` rows, else
     `fallback` (the same layer on float32 weights). Inference only; its state dict is the
-    fallback's (`weight`, `bias`), so a model saves as before. `int8_activations`
-    quantizes x to int8 blocks too: two to four times as fast and lossy (the draft head; the
-    target only when asked, `TargetRunner.load(activations="int8")`)."""
+    fallback's (`weight`, `bias`), so a model saves as before. `int8_activations` quantizes x
+    to int8 blocks too: faster and lossy (the draft head; the target only when asked,
+    `TargetRunner.load(activations="int8")`)."""
 
     def __init__(self, quant: QuantWeight, fallback: nn.Module, max_rows: int = 16, int8_activations: bool = False):
         super().__init__()
