@@ -159,3 +159,12 @@ def test_int8_activations_need_the_gguf_target():
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2 and "compare the float32 runner with itself" in proc.stderr
+
+
+def test_the_verifier_service_loads_the_target_with_the_activations_it_is_given():
+    from services.verifier.engine import build_engine
+    from services.verifier.settings import parse_settings
+
+    engine = build_engine(parse_settings(["--activations", "int8", "--drafter", "none"]))
+    assert engine.runner.lean._stack.int8_activations
+    engine.close()
