@@ -9,7 +9,7 @@ from typing import Callable
 
 import torch
 
-from specdec.config import ConfigError, SamplingParams, StopConfig, TreeConfig
+from specdec.config import ACTIVATIONS, ConfigError, SamplingParams, StopConfig, TreeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -22,7 +22,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     parser.add_argument(
         "--activations",
-        choices=["float32", "int8"],
+        choices=ACTIVATIONS,
         default="float32",
         help="inputs of the default target's 4-bit products: float32 (the float32 model's numbers) or int8 "
         "(as llama.cpp runs a GGUF: faster, numbers change slightly; speculative output still equals plain)",

