@@ -1,5 +1,5 @@
 """The GPU-run scripts in heads/gpu/ stay runnable: the smoke check passes on the CPU, the
-training script parses and answers --help."""
+training and carrying scripts parse and answer --help."""
 
 from __future__ import annotations
 
@@ -31,3 +31,12 @@ def test_train_script_parses_and_has_help():
     out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert out.returncode == 0
     assert "BUDGET_S" in out.stdout and "CONV" in out.stdout
+
+
+def test_carry_script_parses_and_has_help():
+    script = ROOT / "heads/gpu/carry.sh"
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
+    out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
+    assert out.returncode == 0
+    assert all(verb in out.stdout for verb in ("pack", "stash", "setup"))
+    assert subprocess.run(["bash", str(script), "bogus"], capture_output=True, timeout=30).returncode != 0
