@@ -106,7 +106,11 @@ if [[ -n ${FIT_STEPS:-} ]]; then
   STEPS=$FIT_STEPS
 else
   # One FSPAD fit alone, profiled (calib-solo/profile.txt: ops by self CPU and CUDA time): its
-  # step time sizes the real fits, counted as if side by side they shared the GPU evenly.
+  # step time sizes the real fits. Side by side they hardly slow each other (session 15, H200,
+  # 16,384 tokens a step: 81 ms alone and 83 ms each with two, `--unroll 2`; 77 ms each with
+  # four, no unrolling; the profile puts the GPU's work at a third of a step), so each further
+  # fit is counted as a quarter of a step more; an overrun is caught by the time box, where a
+  # fit saves its checkpoint and head.
   run calib-solo 90 "${SPECDEC[@]}" fit "${CACHES[@]}" $(fit_args fspad) $(init_args fspad) --steps 14 --profile-steps 6 \
     --checkpoint-every 1000 --out "$WORK/calib-solo" "${COMMON[@]}"
   say "one fit alone: $(tail -1 "$WORK/calib-solo/log.jsonl" 2>/dev/null)"
@@ -118,11 +122,11 @@ try:  # steps 7.. are timed (the first ones warm up and are profiled)
 except (OSError, ValueError, IndexError, ZeroDivisionError) as exc:
     print(f"calibration failed ({exc!r}): assuming 2 s a step", file=sys.stderr)
     step = 2.0
-print(f"{step * int(sys.argv[2]):.4f} 25")
+print(f"{step * (1 + 0.25 * (int(sys.argv[2]) - 1)):.4f} 25")
 EOF
   )
   STEPS=$(python3 -c "print(max(50, int(($(left $((BUDGET_S - SHRINK_RESERVE))) - $LOAD_S) / $STEP_S)))")
-  say "step ${STEP_S}s with ${#FITS[@]} side by side (assumed), load ${LOAD_S}s: $STEPS steps each"
+  say "step ${STEP_S}s with ${#FITS[@]} side by side (estimated), load ${LOAD_S}s: $STEPS steps each"
 fi
 
 for f in "${FITS[@]}"; do
