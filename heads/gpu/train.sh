@@ -18,7 +18,9 @@
 # and per shard, 512), PROMPT_BATCHES (10), CONV_FROM (first conversation line whose prompt is
 # answered, 14001), MAX_NEW (answer tokens, 160), TOKENS (tokens per training step, 16384), LR
 # (5e-4), UNROLL (2), FITS ("fspad eagle2"), INIT (folder holding the heads to continue,
-# heads), SHIP_VOCAB (draft vocabulary of the exported heads, 8192), LIMIT (conversations per
+# heads; a fit with none there starts from scratch), FITS may also name nofs and nopa (FSPAD
+# without feature sampling / partial alignment: from scratch, as no shipped head has their
+# shape), SHIP_VOCAB (draft vocabulary of the exported heads, 8192), LIMIT (conversations per
 # regeneration part; for dry runs), FIT_STEPS (fix the step count instead of sizing it), WORK
 # (scratch folder).
 set -euo pipefail
@@ -35,6 +37,9 @@ TOKENS=${TOKENS:-16384}
 LR=${LR:-5e-4}
 UNROLL=${UNROLL:-2}
 read -r -a FITS <<<"${FITS:-fspad eagle2}"
+for f in "${FITS[@]}"; do
+  [[ $f =~ ^(fspad|eagle2|nofs|nopa)$ ]] || { echo "FITS: unknown fit $f (fspad, eagle2, nofs, nopa)" >&2; exit 2; }
+done
 INIT=${INIT:-heads}
 SHIP_VOCAB=${SHIP_VOCAB:-8192}
 WORK=${WORK:-/tmp/specdec-gpu}
@@ -95,6 +100,7 @@ run vocab 120 "${SPECDEC[@]}" vocab "${CACHES[@]}" --size 16384 --out "$WORK/voc
 fit_args() {  # the variant switches of a fit name
   case $1 in
     fspad) echo --variant fspad ;; eagle2) echo --variant eagle2 ;;
+    nofs) echo --variant fspad --no-feature-sampling ;; nopa) echo --variant fspad --no-partial-alignment ;;
   esac
 }
 init_args() { [[ -d $INIT/smollm2-135m-instruct-$1 ]] && echo --init-head "$INIT/smollm2-135m-instruct-$1"; }
