@@ -14,6 +14,13 @@
 #                               the GGUF under /tmp/site; unpack the conversations to
 #                               /tmp/specdec-carry/conversations.jsonl. Then
 #                               `export PYTHONPATH=/tmp/site`.
+#
+# The shipped heads (23 MB, tracked) do not fit beside part A. Before call 1, here: copy them to
+# .carry/heads-init/, then `git rm -r -q --cached heads/smollm2-135m-instruct-*` and list those
+# folders in .git/info/exclude; call 2 carries .carry/heads-init too (train.sh:
+# INIT=.carry/heads-init). After the calls: `git reset -q HEAD -- heads/` and drop the exclude
+# lines. Name in each call every carried path it reads: in session 15 a later call that did not
+# name .carry/heads-init found it gone on the device (/tmp there survives between calls).
 set -euo pipefail
 CARRY=.carry
 KEEP=/tmp/specdec-carry
