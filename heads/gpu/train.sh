@@ -95,6 +95,11 @@ done
 wait
 read -r -a CACHES <<<"$(cache_args | tr '\n' ' ')"
 say "caches: ${CACHES[*]}"
+if ((${#CACHES[@]} == 0)); then
+  say "no cache has a finished shard by ${REGEN_S}s: nothing to train on (raise REGEN_S)"
+  tar -cJf "$OUT/logs.tar.xz" -C "$WORK" logs
+  exit 1
+fi
 run vocab 120 "${SPECDEC[@]}" vocab "${CACHES[@]}" --size 16384 --out "$WORK/vocab.safetensors" "${MODEL[@]}"
 
 fit_args() {  # the variant switches of a fit name
@@ -107,7 +112,8 @@ init_args() { [[ -d $INIT/smollm2-135m-instruct-$1 ]] && echo --init-head "$INIT
 COMMON=(--vocab "$WORK/vocab.safetensors" --tokens-per-step "$TOKENS" --lr "$LR" --unroll "$UNROLL" --warmup-steps 20 --seed 4
   "${MODEL[@]}" $(share "${#FITS[@]}"))
 
-SHRINK_RESERVE=50  # seconds kept after the fits: shrink, data summary, archives
+FIT_END=$((BUDGET_S - 50))  # the fits end here; the rest is for shrink, data summary, archives
+LOAD_S=25  # seconds a fit takes to load the target and the caches before its first step
 if [[ -n ${FIT_STEPS:-} ]]; then
   STEPS=$FIT_STEPS
 else
@@ -120,7 +126,7 @@ else
   run calib-solo 90 "${SPECDEC[@]}" fit "${CACHES[@]}" $(fit_args fspad) $(init_args fspad) --steps 14 --profile-steps 6 \
     --checkpoint-every 1000 --out "$WORK/calib-solo" "${COMMON[@]}"
   say "one fit alone: $(tail -1 "$WORK/calib-solo/log.jsonl" 2>/dev/null)"
-  read -r STEP_S LOAD_S < <(python3 - "$WORK/calib-solo/log.jsonl" "${#FITS[@]}" <<'EOF'
+  STEP_S=$(python3 - "$WORK/calib-solo/log.jsonl" "${#FITS[@]}" <<'EOF'
 import json, sys
 try:  # steps 7.. are timed (the first ones warm up and are profiled)
     log = [json.loads(l) for l in open(sys.argv[1])]
@@ -128,15 +134,15 @@ try:  # steps 7.. are timed (the first ones warm up and are profiled)
 except (OSError, ValueError, IndexError, ZeroDivisionError) as exc:
     print(f"calibration failed ({exc!r}): assuming 2 s a step", file=sys.stderr)
     step = 2.0
-print(f"{step * (1 + 0.25 * (int(sys.argv[2]) - 1)):.4f} 25")
+print(f"{step * (1 + 0.25 * (int(sys.argv[2]) - 1)):.4f}")
 EOF
   )
-  STEPS=$(python3 -c "print(max(50, int(($(left $((BUDGET_S - SHRINK_RESERVE))) - $LOAD_S) / $STEP_S)))")
+  STEPS=$(python3 -c "print(max(50, int(($(left $FIT_END) - $LOAD_S) / $STEP_S)))")
   say "step ${STEP_S}s with ${#FITS[@]} side by side (estimated), load ${LOAD_S}s: $STEPS steps each"
 fi
 
 for f in "${FITS[@]}"; do
-  run "fit-$f" $(($(left $((BUDGET_S - SHRINK_RESERVE))) + 15)) "${SPECDEC[@]}" fit "${CACHES[@]}" $(fit_args "$f") $(init_args "$f") \
+  run "fit-$f" $(($(left $FIT_END) + 15)) "${SPECDEC[@]}" fit "${CACHES[@]}" $(fit_args "$f") $(init_args "$f") \
     --steps "$STEPS" --checkpoint-every 100 --out "$WORK/runs/$f" "${COMMON[@]}" &
 done
 wait
