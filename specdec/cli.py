@@ -37,10 +37,18 @@ def add_tree_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--min-prob", type=float, default=defaults.min_prob, help="verify only draft nodes whose cumulative draft probability is at least this"
     )
+    parser.add_argument(
+        "--lookup-tokens",
+        type=int,
+        default=defaults.lookup_tokens,
+        help="longest chain of tokens that followed an earlier occurrence of the current suffix to add to each tree (0 = off)",
+    )
 
 
 def tree_from_args(args: argparse.Namespace) -> TreeConfig:
-    return TreeConfig(top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_prob)
+    return TreeConfig(
+        top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_prob, lookup_tokens=args.lookup_tokens
+    )
 
 
 def load_runner(args: argparse.Namespace):

@@ -63,16 +63,23 @@ class TreeConfig:
     cumulative draft probability is below it is not verified, and drafting stops at a depth
     where every frontier node is below it. On a CPU each verified node has a real price, so a
     round should only pay for nodes with a fair chance of acceptance.
+
+    `lookup_tokens` (ours): the most tokens of a lookup chain (`specdec.lookup`: what followed
+    the last earlier occurrence of the sequence's current suffix) added to the tree as
+    candidates scored like the head's nodes; 0 turns lookup drafting off.
     """
 
     top_k: int = 4
     depth: int = 3
     total_tokens: int = 8
     min_prob: float = 0.2
+    lookup_tokens: int = 7
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.depth < 1 or self.total_tokens < 1:
             raise ConfigError(f"tree settings must be >= 1: {self}")
+        if self.lookup_tokens < 0:
+            raise ConfigError(f"lookup_tokens must be >= 0: {self.lookup_tokens}")
         if not 0.0 <= self.min_prob < 1.0:
             raise ConfigError(f"min_prob must be in [0, 1): {self.min_prob}")
 

@@ -23,6 +23,7 @@ import torch
 
 from specdec.config import ConfigError, TreeConfig
 from specdec.head import CONFIG_FILE, DraftHead, HeadConfig
+from specdec.lookup import NgramIndex, merge_chain
 from specdec.target import TargetRunner
 from specdec.tree import DraftTree, select_nodes, subtree
 
@@ -75,7 +76,7 @@ class HeadDrafter(Drafter):
 
     def open(self, token_ids: Sequence[int], features: torch.Tensor) -> "HeadDraftSession":
         session = HeadDraftSession(self.head, self.tree)
-        session.tokens.append(int(token_ids[0]))
+        session.index.extend(token_ids[:1])
         session.extend(token_ids[1:], features)
         return session
 
@@ -86,7 +87,8 @@ class HeadDraftSession(DraftSession):
         param = head.fc.weight
         self.device, self.dtype = param.device, param.dtype
         self.cache = head.new_draft_cache()
-        self.tokens: list[int] = []
+        self.index = NgramIndex()
+        self.tokens = self.index.tokens  # every known token; the index appends them
         self._pending: list[torch.Tensor] = []
         self._root_hidden: torch.Tensor | None = None
         self._root_feature: torch.Tensor | None = None
@@ -97,7 +99,7 @@ class HeadDraftSession(DraftSession):
             raise RuntimeError("session is closed")
         if features.shape[0] != len(token_ids):
             raise ValueError(f"{len(token_ids)} tokens need as many features, got {features.shape[0]}")
-        self.tokens.extend(int(t) for t in token_ids)
+        self.index.extend(token_ids)
         if len(token_ids):
             self._pending.append(features.to(self.device, self.dtype))
 
@@ -173,6 +175,10 @@ class HeadDraftSession(DraftSession):
             frontier = [first_child + b for b in best]
             frontier_inputs = feature[[b // kk for b in best]]
         self.cache.truncate(committed)
+        if cfg.lookup_tokens:
+            chain = self.index.lookup(cfg.lookup_tokens)
+            if chain is not None:
+                merge_chain(tokens, parents, scores, chain.tokens, chain.log_probs)
         kept = select_nodes(parents, scores, cfg.total_tokens, min_score)
         return subtree(tokens, parents, kept)
 
