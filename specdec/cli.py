@@ -43,11 +43,18 @@ def add_tree_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.lookup_tokens,
         help="longest chain of tokens that followed an earlier occurrence of the current suffix to add to each tree (0 = off)",
     )
+    parser.add_argument(
+        "--lookup-alone",
+        type=float,
+        default=defaults.lookup_alone,
+        help="propose a lookup chain whose first token is at least this likely without running the draft head (1 = never)",
+    )
 
 
 def tree_from_args(args: argparse.Namespace) -> TreeConfig:
     return TreeConfig(
-        top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_prob, lookup_tokens=args.lookup_tokens
+        top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_prob, lookup_tokens=args.lookup_tokens,
+        lookup_alone=args.lookup_alone,
     )
 
 

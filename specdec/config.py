@@ -66,7 +66,11 @@ class TreeConfig:
 
     `lookup_tokens` (ours): the most tokens of a lookup chain (`specdec.lookup`: what followed
     the last earlier occurrence of the sequence's current suffix) added to the tree as
-    candidates scored like the head's nodes; 0 turns lookup drafting off.
+    candidates scored like the head's nodes; 0 turns lookup drafting off. `lookup_alone`
+    (ours): a chain whose first token is estimated at least this likely to be accepted (a long
+    repeat) is proposed without running the head that round, which saves the proposal's cost
+    where the head would rarely add a better node (the features wait and the head reads them
+    in its next round); 1 never skips the head.
     """
 
     top_k: int = 4
@@ -74,12 +78,15 @@ class TreeConfig:
     total_tokens: int = 8
     min_prob: float = 0.2
     lookup_tokens: int = 7
+    lookup_alone: float = 0.7
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.depth < 1 or self.total_tokens < 1:
             raise ConfigError(f"tree settings must be >= 1: {self}")
         if self.lookup_tokens < 0:
             raise ConfigError(f"lookup_tokens must be >= 0: {self.lookup_tokens}")
+        if not 0.0 < self.lookup_alone <= 1.0:
+            raise ConfigError(f"lookup_alone must be in (0, 1]: {self.lookup_alone}")
         if not 0.0 <= self.min_prob < 1.0:
             raise ConfigError(f"min_prob must be in [0, 1): {self.min_prob}")
 

@@ -23,9 +23,9 @@ import torch
 
 from specdec.config import ConfigError, TreeConfig
 from specdec.head import CONFIG_FILE, DraftHead, HeadConfig
-from specdec.lookup import NgramIndex, merge_chain
+from specdec.lookup import NgramIndex
 from specdec.target import TargetRunner
-from specdec.tree import DraftTree, select_nodes, subtree
+from specdec.tree import CandidateTree, DraftTree
 
 log = logging.getLogger(__name__)
 
@@ -125,27 +125,32 @@ class HeadDraftSession(DraftSession):
     def propose(self) -> DraftTree:
         if self.closed:
             raise RuntimeError("session is closed")
-        self._consume_pending()
         cfg, head = self.tree, self.head
+        min_score = math.log(cfg.min_prob) if cfg.min_prob > 0 else -math.inf
+        cands = CandidateTree([self.tokens[-1]])
+        chain = self.index.lookup(cfg.lookup_tokens) if cfg.lookup_tokens else None
+        if chain is not None:
+            node = 0
+            for token, score in zip(chain.tokens, chain.log_probs):
+                node = cands.add(node, token, score)
+            if chain.log_probs[0] >= math.log(cfg.lookup_alone):
+                return cands.select(cfg.total_tokens, min_score)
+        self._consume_pending()
         committed = self.cache.length
         k = cfg.top_k
-        tokens, parents, scores = [self.tokens[-1]], [-1], [0.0]
         # Depth 1: children of the root from the last committed pair's output.
         logp = torch.log_softmax(head.logits(self._root_hidden).float(), -1)
         top = torch.topk(logp, min(k, logp.shape[-1]))
-        draft_ids = head.d2t[top.indices].tolist()
-        frontier = list(range(1, 1 + len(draft_ids)))
-        tokens += draft_ids
-        parents += [0] * len(draft_ids)
-        scores += top.values.tolist()
+        frontier = [cands.add(0, t, v) for t, v in zip(head.d2t[top.indices].tolist(), top.values.tolist())]
         frontier_inputs = self._root_feature.expand(len(frontier), -1)
         # Draft-cache slot of each expanded node (to build ancestor masks).
         slot: dict[int, int] = {}
-        min_score = math.log(cfg.min_prob) if cfg.min_prob > 0 else -math.inf
         for depth in range(2, cfg.depth + 1):
-            # A child never outscores its parent, so a node below min_prob has no child that
-            # could be verified: expanding it would only cost time. The tree is unchanged.
-            live = [j for j, node in enumerate(frontier) if scores[node] >= min_score]
+            # A frontier node that can no longer be selected (below min_prob, or below the
+            # best total_tokens - 1 candidates so far, a strong lookup chain's included) has
+            # no child that could be: expanding it would only cost time. The tree is unchanged.
+            bar = cands.bar(cfg.total_tokens, min_score)
+            live = [j for j, node in enumerate(frontier) if cands.scores[node] >= bar]
             if not live:
                 break
             if len(live) < len(frontier):
@@ -159,28 +164,23 @@ class HeadDraftSession(DraftSession):
                 a = node
                 while a != 0:
                     mask[j, slot[a]] = True
-                    a = parents[a]
-            ids = torch.tensor([tokens[n] for n in frontier], device=self.device)
+                    a = cands.parents[a]
+            ids = torch.tensor([cands.tokens[n] for n in frontier], device=self.device)
             positions = torch.full((len(frontier),), committed + depth - 2, device=self.device)
             hidden, feature = head.step(frontier_inputs, ids, positions, mask, self.cache)
             logp = torch.log_softmax(head.logits(hidden).float(), -1)
             top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
-            cum = torch.tensor([scores[n] for n in frontier], device=logp.device)[:, None] + top.values
-            first_child = len(tokens)
             kk = top.indices.shape[-1]
-            tokens += head.d2t[top.indices].flatten().tolist()
-            parents += [n for n in frontier for _ in range(kk)]
-            scores += cum.flatten().tolist()
-            best = torch.topk(cum.flatten(), min(k, cum.numel())).indices.tolist()
-            frontier = [first_child + b for b in best]
-            frontier_inputs = feature[[b // kk for b in best]]
+            children = [
+                cands.add(parent, token, cands.scores[parent] + value)
+                for parent, row_tokens, row_values in zip(frontier, head.d2t[top.indices].tolist(), top.values.tolist())
+                for token, value in zip(row_tokens, row_values)
+            ]
+            best = sorted(range(len(children)), key=lambda j: (-cands.scores[children[j]], j))[:k]
+            frontier = [children[j] for j in best]
+            frontier_inputs = feature[[j // kk for j in best]]
         self.cache.truncate(committed)
-        if cfg.lookup_tokens:
-            chain = self.index.lookup(cfg.lookup_tokens)
-            if chain is not None:
-                merge_chain(tokens, parents, scores, chain.tokens, chain.log_probs)
-        kept = select_nodes(parents, scores, cfg.total_tokens, min_score)
-        return subtree(tokens, parents, kept)
+        return cands.select(cfg.total_tokens, min_score)
 
     def close(self) -> None:
         self.closed = True

@@ -8,8 +8,8 @@ before is followed by the same next token 93% of the time, and each further toke
 continuation by 93-96% once the ones before it were (shorter matches predict less: 23% for a
 single token). Prompt-lookup decoding (Saxena 2023) and
 the n-gram proposers of LLM servers use the same idea alone; here a lookup chain becomes extra
-candidate nodes of the draft head's tree, scored like the head's own nodes, so the EAGLE-2
-selection (`tree.select_nodes`) weighs both and a round verifies whichever is more likely.
+candidate nodes of the draft head's tree (`tree.CandidateTree`), scored like the head's own
+nodes, so the EAGLE-2 selection weighs both and a round verifies whichever is more likely.
 Verification is unchanged, so the output stays the target's own.
 """
 
@@ -88,25 +88,3 @@ def chain_log_probs(match: int, length: int) -> list[float]:
     row = min(match, len(FIRST_TOKEN_PROB) - 1)
     first, step = math.log(FIRST_TOKEN_PROB[row]), math.log(NEXT_TOKEN_PROB[row])
     return [first + i * step for i in range(length)]
-
-
-def merge_chain(
-    tokens: list[int], parents: list[int], scores: list[float], chain: Sequence[int], log_probs: Sequence[float]
-) -> None:
-    """Add a chain hanging from the root (node 0) to a candidate tree in place. Where a
-    chain token is already a child of the node before it, that node is shared and keeps the
-    higher of its two scores; the rest are appended (parents stay before children). Scores
-    stay non-increasing along every path when both inputs are."""
-    children = {(p, t): i for i, (p, t) in enumerate(zip(parents, tokens)) if p >= 0}
-    node = 0
-    for token, score in zip(chain, log_probs):
-        child = children.get((node, token))
-        if child is None:
-            child = len(tokens)
-            tokens.append(int(token))
-            parents.append(node)
-            scores.append(score)
-            children[(node, token)] = child
-        else:
-            scores[child] = max(scores[child], score)
-        node = child

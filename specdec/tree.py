@@ -7,8 +7,9 @@ other node carries a draft token and the index of its parent.
 
 from __future__ import annotations
 
+import heapq
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -43,6 +44,47 @@ class DraftTree:
         for i, p in enumerate(self.parents[1:], start=1):
             depth[i] = depth[p] + 1
         return depth
+
+
+@dataclass
+class CandidateTree:
+    """Draft candidates before selection: node 0 is the root; `add` appends a child, or, when
+    the parent already has a child with that token (a lookup chain and the head proposing the
+    same continuation), keeps that node and the higher of the two scores. Scores are
+    cumulative log-probabilities, never higher for a child than for its parent."""
+
+    tokens: list[int]
+    parents: list[int] = field(default_factory=lambda: [-1])
+    scores: list[float] = field(default_factory=lambda: [0.0])
+    _children: dict[tuple[int, int], int] = field(default_factory=dict)
+
+    def add(self, parent: int, token: int, score: float) -> int:
+        node = self._children.get((parent, token))
+        if node is None:
+            node = len(self.tokens)
+            self.tokens.append(int(token))
+            self.parents.append(parent)
+            self.scores.append(score)
+            self._children[(parent, token)] = node
+        elif score > self.scores[node]:
+            self.scores[node] = score
+        return node
+
+    def bar(self, total_tokens: int, min_score: float) -> float:
+        """The score a node needs to still be selectable: `select` keeps the best
+        total_tokens - 1 non-root nodes at or above min_score, candidates only get added or
+        raised, and a child never outscores its parent, so a node scoring below this can be
+        left unexpanded without changing the selected tree."""
+        keep = total_tokens - 1
+        if keep < 1:
+            return math.inf
+        if len(self.scores) - 1 < keep:
+            return min_score
+        return max(min_score, heapq.nlargest(keep, self.scores[1:])[-1])
+
+    def select(self, total_tokens: int, min_score: float = -math.inf) -> DraftTree:
+        """The tree of the nodes `select_nodes` keeps."""
+        return subtree(self.tokens, self.parents, select_nodes(self.parents, self.scores, total_tokens, min_score))
 
 
 def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:

@@ -146,11 +146,11 @@ def test_cli_runs_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner(5))
     out_json, report = tmp_path / "out" / "bench.json", tmp_path / "report"
     argv = ["bench", "--questions", str(questions), "--limit", "1", "--max-new-tokens", "12", "--head", "random"]
-    argv += ["--peers", "pld", "--json", str(out_json), "--report", str(report), "--top-k", "3", "--depth", "3", "--total-tokens", "6", "--min-prob", "0.01", "--lookup-tokens", "4"]
+    argv += ["--peers", "pld", "--json", str(out_json), "--report", str(report), "--top-k", "3", "--depth", "3", "--total-tokens", "6", "--min-prob", "0.01", "--lookup-tokens", "4", "--lookup-alone", "0.8"]
     assert main(argv) == 0
     result = json.loads(out_json.read_text())
     assert result["overall"]["greedy_mismatches"] == 0 and result["overall"]["turns"] == 2
-    assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6, "min_prob": 0.01, "lookup_tokens": 4} and result["config"]["peers"] == ["pld"]
+    assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6, "min_prob": 0.01, "lookup_tokens": 4, "lookup_alone": 0.8} and result["config"]["peers"] == ["pld"]
     assert "| writing |" in capsys.readouterr().out
     assert (report / "report.md").is_file()
 

@@ -6,15 +6,17 @@ from __future__ import annotations
 import math
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specdec.config import ConfigError, SamplingParams, StopConfig, TreeConfig
 from specdec.generate import Generation
-from specdec.lookup import FIRST_TOKEN_PROB, MAX_MATCH, NEXT_TOKEN_PROB, NgramIndex, chain_log_probs, merge_chain
-from specdec.tree import DraftTree, select_nodes, subtree
+from specdec.lookup import FIRST_TOKEN_PROB, MAX_MATCH, NEXT_TOKEN_PROB, NgramIndex, chain_log_probs
+from specdec.tree import CandidateTree, DraftTree, select_nodes
 from tests.test_core_sampling import ALPHA, chi2_pvalue, exact_second_token
-from tests.tiny import tiny_drafter, tiny_runner
+from specdec.drafter import HeadDraftSession
+from tests.tiny import tiny_drafter, tiny_head, tiny_runner
 
 
 def index_of(tokens, **kw) -> NgramIndex:
@@ -69,41 +71,71 @@ def test_chain_scores_follow_the_table_and_never_rise():
     assert firsts == sorted(firsts), "a longer match is at least as trustworthy"
 
 
-def test_merge_shares_existing_children_and_keeps_the_higher_score():
-    tokens, parents, scores = [0, 10, 11, 12], [-1, 0, 0, 1], [0.0, -0.5, -1.0, -2.0]
-    merge_chain(tokens, parents, scores, [10, 12, 13], [-0.1, -0.2, -0.3])
-    assert tokens == [0, 10, 11, 12, 13] and parents == [-1, 0, 0, 1, 3]
-    assert scores == [0.0, -0.1, -1.0, -0.2, -0.3]
-    merge_chain(tokens, parents, scores, [11, 14], [-3.0, -3.5])
-    assert scores[2] == -1.0, "a lower lookup score never lowers a head node"
-    assert (tokens[-1], parents[-1]) == (14, 2)
+def add_chain(cands: CandidateTree, chain, scores) -> None:
+    node = 0
+    for token, score in zip(chain, scores):
+        node = cands.add(node, token, score)
+
+
+def test_a_chain_shares_existing_children_and_keeps_the_higher_score():
+    cands = CandidateTree([0])
+    for parent, token, score in [(0, 10, -0.5), (0, 11, -1.0), (1, 12, -2.0)]:
+        cands.add(parent, token, score)
+    add_chain(cands, [10, 12, 13], [-0.1, -0.2, -0.3])
+    assert cands.tokens == [0, 10, 11, 12, 13] and cands.parents == [-1, 0, 0, 1, 3]
+    assert cands.scores == [0.0, -0.1, -1.0, -0.2, -0.3]
+    add_chain(cands, [11, 14], [-3.0, -3.5])
+    assert cands.scores[2] == -1.0, "a lower lookup score never lowers a head node"
+    assert (cands.tokens[-1], cands.parents[-1]) == (14, 2)
 
 
 @st.composite
 def head_trees(draw):
-    """Candidate trees as a head builds them: distinct tokens among siblings, scores that
-    never rise from parent to child."""
-    tokens, parents, scores = [0], [-1], [0.0]
-    for _ in range(draw(st.integers(0, 12))):
+    """(parent, token, score) additions as a head makes them: parents before children,
+    distinct tokens among siblings, scores that never rise from parent to child."""
+    parents, tokens, scores, adds = [-1], [0], [0.0], []
+    for _ in range(draw(st.integers(0, 14))):
         parent = draw(st.integers(0, len(tokens) - 1))
         siblings = {t for t, p in zip(tokens, parents) if p == parent}
         token = draw(st.integers(1, 6).filter(lambda t: t not in siblings))
-        tokens.append(token)
+        score = scores[parent] - draw(st.floats(0.0, 3.0))
         parents.append(parent)
-        scores.append(scores[parent] - draw(st.floats(0.0, 3.0)))
-    return tokens, parents, scores
+        tokens.append(token)
+        scores.append(score)
+        adds.append((parent, token, score))
+    return adds
 
 
 @settings(max_examples=200, deadline=None)
 @given(head_trees(), st.lists(st.integers(1, 6), min_size=1, max_size=7), st.integers(1, 12), st.integers(1, 10))
-def test_merged_candidates_select_to_valid_trees(tree, chain, match, budget):
-    tokens, parents, scores = (list(x) for x in tree)
-    merge_chain(tokens, parents, scores, chain, chain_log_probs(match, len(chain)))
-    assert len({(p, t) for p, t in zip(parents, tokens)}) == len(tokens), "no token twice under one parent"
-    assert all(scores[i] <= scores[p] for i, p in enumerate(parents) if p >= 0)
-    kept = select_nodes(parents, scores, budget, math.log(0.2))
-    draft = subtree(tokens, parents, kept)
+def test_candidates_with_a_chain_select_to_valid_trees(adds, chain, match, budget):
+    cands = CandidateTree([0])
+    add_chain(cands, chain, chain_log_probs(match, len(chain)))
+    where = {0: 0}  # a head node's index in `adds` numbering -> its candidate node
+    for i, (parent, token, score) in enumerate(adds, start=1):
+        where[i] = cands.add(where[parent], token, score)
+    assert all(cands.scores[i] <= cands.scores[p] for i, p in enumerate(cands.parents) if p >= 0)
+    pairs = list(zip(cands.parents, cands.tokens))
+    assert len(set(pairs)) == len(pairs), "no token twice under one parent"
+    draft = cands.select(budget, math.log(0.2))
     assert isinstance(draft, DraftTree) and len(draft) <= max(budget, 2)
+
+
+@settings(max_examples=300, deadline=None)
+@given(head_trees(), st.integers(1, 10), st.sampled_from([0.0, 0.05, 0.2, 0.5]))
+def test_the_bar_never_prunes_a_node_the_selection_keeps(adds, budget, min_prob):
+    """Adding nodes in order, a parent scoring below the bar at the time its child is added
+    (what the drafter leaves unexpanded) never has that child in the final selection."""
+    min_score = math.log(min_prob) if min_prob else -math.inf
+    cands = CandidateTree([0])
+    pruned = set()
+    for parent, token, score in adds:
+        below = cands.scores[parent] < cands.bar(budget, min_score) if parent else False
+        node = cands.add(parent, token, score)
+        if below:
+            pruned.add(node)
+    kept = set(select_nodes(cands.parents, cands.scores, budget, min_score))
+    assert not (pruned & kept)
 
 
 def test_negative_lookup_tokens_is_refused():
@@ -169,3 +201,40 @@ def test_lookup_drafting_keeps_the_sampled_distribution():
     assert accepted > 300, "lookup chains should be accepted often here"
     assert chi2_pvalue(firsts, p1) > ALPHA
     assert chi2_pvalue(seconds, p2) > ALPHA
+
+
+def test_lookup_alone_is_validated():
+    for bad in (0.0, -0.1, 1.5):
+        with pytest.raises(ConfigError):
+            TreeConfig(lookup_alone=bad)
+
+
+def test_a_likely_chain_is_proposed_without_the_head_which_catches_up_later():
+    """A chain at least lookup_alone likely is the whole tree and the head does not run; the
+    features it skipped are read in its next round, leaving its cache as if it had read them
+    round by round (float32 head: the same numbers up to summation order)."""
+    runner = tiny_runner(2)
+    loop = [5, 9, 14, 2, 30, 7]
+    prompt = loop * 3 + loop[:3]
+    features, _ = runner.prefill(runner.new_state(), prompt)
+    head = tiny_head(runner).eval().requires_grad_(False)
+    sessions = []
+    for alone_prob in (0.5, 1.0):
+        session = HeadDraftSession(head, TreeConfig(top_k=2, depth=2, total_tokens=8, min_prob=0.0, lookup_tokens=5, lookup_alone=alone_prob))
+        session.index.extend(prompt[:1])
+        session.extend(prompt[1:] + [loop[3]], features)
+        sessions.append(session)
+    alone, steady = sessions
+    before = alone.cache.length
+    tree = alone.propose()
+    assert alone.cache.length == before == 0 and tree.tokens == [loop[3], 30, 7, 5, 9, 14] and tree.parents == [-1, 0, 1, 2, 3, 4]
+    steady.propose()
+    state = runner.new_state()
+    features, _ = runner.prefill(state, prompt + [loop[3], 30, 7])
+    for session in (alone, steady):
+        session.extend([30, 7, 5], features[-3:])
+    assert alone.cache.length < steady.cache.length
+    alone._consume_pending()
+    steady._consume_pending()
+    assert alone.cache.length == steady.cache.length
+    torch.testing.assert_close(alone._root_hidden, steady._root_hidden, atol=1e-4, rtol=1e-4)

@@ -45,6 +45,7 @@ class VerifierSettings(BaseSettings):
     total_tokens: int = Field(_TREE.total_tokens, ge=1, description="embedded drafter: tree nodes per round")
     min_prob: float = Field(_TREE.min_prob, ge=0.0, lt=1.0, description="embedded drafter: verify only draft nodes with at least this cumulative draft probability")
     lookup_tokens: int = Field(_TREE.lookup_tokens, ge=0, description="embedded drafter: longest lookup chain (tokens that followed an earlier occurrence of the current suffix) added to each tree; 0 = off")
+    lookup_alone: float = Field(_TREE.lookup_alone, gt=0.0, le=1.0, description="embedded drafter: a lookup chain at least this likely is proposed without running the head (1 = never)")
     drafter_timeout: float = Field(2.0, gt=0, description="remote drafter: deadline of one call, seconds")
     drafter_retry_rounds: int = Field(8, ge=1, description="rounds of plain decoding before retrying a failed drafter")
     feature_dtype: Literal["float16", "bfloat16", "float32"] = Field(
@@ -61,7 +62,8 @@ class VerifierSettings(BaseSettings):
 
     def tree(self) -> TreeConfig:
         return TreeConfig(
-            top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens, min_prob=self.min_prob, lookup_tokens=self.lookup_tokens
+            top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens, min_prob=self.min_prob, lookup_tokens=self.lookup_tokens,
+            lookup_alone=self.lookup_alone,
         )
 
 
