@@ -250,7 +250,7 @@ def test_every_train_command_has_help(capsys):
     from specdec.cli import build_parser
 
     parser, _ = build_parser()
-    for command in ("extract", "prompts", "regenerate", "vocab", "shrink", "fit", "evaluate", "agreement"):
+    for command in ("extract", "prompts", "regenerate", "vocab", "shrink", "fit", "evaluate", "agreement", "lookup-stats"):
         with pytest.raises(SystemExit):
             parser.parse_args(["train", command, "--help"])
         assert "usage: specdec train " + command in capsys.readouterr().out
@@ -369,3 +369,31 @@ def test_agreement_scores_every_answer_token_after_the_first(pipeline, tmp_path)
     # With every draft-vocabulary token a draft, a hit is exactly a token inside the vocabulary.
     assert every["overall"]["top32"] == round(in_vocab / scored, 4)
     assert sum(c["scored"] for c in every["per_category"].values()) == scored
+
+
+def test_lookup_stats_counts_how_far_each_chain_was_right():
+    from specdec.train.lookup_stats import chain_stats, summarize
+
+    # After prompt "7 8" the answer "7 8 7 8": at answer position 1 the one-token suffix "7"
+    # proposes "8 7" (both right), at 2 the suffix "7 8" proposes "7 8" (both right), at 3 the
+    # suffix "7 8 7" proposes "8 7" (only "8" is there).
+    stats = chain_stats([([7, 8], [7, 8, 7, 8])], chain=2)
+    assert stats == {1: [1, 1, 1], 2: [1, 1, 1], 3: [1, 1, 0]}
+    table = summarize(stats)
+    assert table["3"] == {"proposals": 1, "first": 1.0, "next": [0.0]}
+    assert summarize({4: [2, 0, 0]})["4"] == {"proposals": 2, "first": 0.0, "next": [None]}
+
+
+def test_lookup_stats_command_reads_conversations(tmp_path, monkeypatch, capsys):
+    from specdec.cli import main
+
+    write_conversations(tmp_path / "conv.jsonl", n=6, bad_lines=1)
+    monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner())
+    assert main(["train", "lookup-stats", "--data", str(tmp_path / "conv.jsonl"), "--chain", "3", "--json", str(tmp_path / "out.json")]) == 0
+    result = json.loads((tmp_path / "out.json").read_text())
+    assert result["conversations"] == 6 and result["skipped_lines"] == 1
+    # The repeated answers ("the answer is N. the answer is N. ...") give long, right matches.
+    longest = result["by_match"][max(result["by_match"], key=int)]
+    assert longest["proposals"] > 0 and longest["first"] == 1.0
+    assert main(["train", "lookup-stats", "--data", str(tmp_path / "conv.jsonl"), "--chain", "0"]) == 2
+    assert "--chain must be >= 1" in capsys.readouterr().err

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -323,12 +324,38 @@ def _agreement(sub) -> None:
     p.set_defaults(train_handler=run)
 
 
-SUBCOMMANDS: list[Callable] = [_extract, _prompts, _regenerate, _vocab, _shrink, _fit, _evaluate, _agreement]
+def _lookup_stats(sub) -> None:
+    p = sub.add_parser(
+        "lookup-stats", help="acceptance of lookup chains by suffix-match length, on the target's own answers (calibrates specdec.lookup)"
+    )
+    p.add_argument("--data", required=True, help="conversations JSONL whose first replies are the target's own answers (regenerate's texts)")
+    p.add_argument("--limit", type=int, default=None, help="use the first N valid conversations")
+    p.add_argument("--chain", type=int, default=8, help="chain length to score")
+    p.add_argument("--json", default=None, help="also write the result here")
+    _model_args(p)
+
+    def run(args: argparse.Namespace) -> int:
+        from specdec.train.data import read_conversations
+        from specdec.train.lookup_stats import chain_stats, conversation_pairs, summarize
+
+        if args.chain < 1:
+            raise ConfigError(f"--chain must be >= 1, got {args.chain}")
+        conversations, report = read_conversations(args.data, args.limit)
+        if report.skipped:
+            print(f"skipped {len(report.skipped)} malformed lines of {args.data}", file=sys.stderr)
+        runner = _runner(args)
+        stats = chain_stats(conversation_pairs(runner, conversations, progress=True), args.chain)
+        return _print({"conversations": len(conversations), "skipped_lines": len(report.skipped), "by_match": summarize(stats)}, args.json)
+
+    p.set_defaults(train_handler=run)
+
+
+SUBCOMMANDS: list[Callable] = [_extract, _prompts, _regenerate, _vocab, _shrink, _fit, _evaluate, _agreement, _lookup_stats]
 
 
 def train_parser(sub) -> Callable[[argparse.Namespace], int]:
     """Register `specdec train` and its subcommands on the top-level subparsers."""
-    p = sub.add_parser("train", help="distil draft heads: extract, prompts, regenerate, vocab, fit, evaluate, agreement")
+    p = sub.add_parser("train", help="distil draft heads: extract, prompts, regenerate, vocab, fit, evaluate, agreement, lookup-stats")
     steps = p.add_subparsers(dest="train_command", required=True)
     for make in SUBCOMMANDS:
         make(steps)
