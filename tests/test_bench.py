@@ -146,13 +146,28 @@ def test_cli_runs_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner(5))
     out_json, report = tmp_path / "out" / "bench.json", tmp_path / "report"
     argv = ["bench", "--questions", str(questions), "--limit", "1", "--max-new-tokens", "12", "--head", "random"]
-    argv += ["--peers", "pld", "--json", str(out_json), "--report", str(report), "--top-k", "3", "--depth", "3", "--total-tokens", "6", "--min-prob", "0.01", "--lookup-tokens", "4", "--lookup-alone", "0.8"]
+    argv += ["--peers", "pld,head", "--json", str(out_json), "--report", str(report), "--top-k", "3", "--depth", "3", "--total-tokens", "6", "--min-prob", "0.01", "--lookup-tokens", "4", "--lookup-alone", "0.8"]
     assert main(argv) == 0
     result = json.loads(out_json.read_text())
     assert result["overall"]["greedy_mismatches"] == 0 and result["overall"]["turns"] == 2
-    assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6, "min_prob": 0.01, "lookup_tokens": 4, "lookup_alone": 0.8} and result["config"]["peers"] == ["pld"]
+    assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6, "min_prob": 0.01, "lookup_tokens": 4, "lookup_alone": 0.8}
+    assert result["config"]["peers"] == ["pld", "head"]
+    head = result["overall"]["peers"]["head"]
+    assert head["mismatches_vs_ar"] == 0 and head["tau"] >= 1.0 and head["new_tokens"] == result["overall"]["ar_new_tokens"]
+    assert result["overall"]["peers"]["pld"]["tau"] is None
     assert "| writing |" in capsys.readouterr().out
     assert (report / "report.md").is_file()
+
+
+def test_cli_refuses_unknown_peers_and_a_head_peer_without_lookup(tmp_path, monkeypatch, capsys):
+    questions = tmp_path / "questions.jsonl"
+    questions.write_text("".join(json.dumps({"question_id": q.question_id, "category": q.category, "turns": q.turns}) + "\n" for q in QUESTIONS))
+    monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner(5))
+    base = ["bench", "--questions", str(questions), "--limit", "1", "--max-new-tokens", "4", "--head", "random"]
+    assert main(base + ["--peers", "hf,vllm"]) == 2
+    assert "unknown peer(s) vllm; known: hf, pld, head" in capsys.readouterr().err
+    assert main(base + ["--peers", "head", "--lookup-tokens", "0"]) == 2
+    assert "lookup drafting" in capsys.readouterr().err
 
 
 def test_cli_per_category_takes_the_first_questions_of_each_category(tmp_path, monkeypatch, capsys):

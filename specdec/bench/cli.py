@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
 from specdec.config import ConfigError
+
+HEAD_ALONE = "head"  # the --peers name of our speculative path without lookup drafting
 
 
 def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
@@ -29,7 +31,12 @@ def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (mismatches are checked only then)")
     p.add_argument("--seed", type=int, default=0, help="base sampling seed (turn i uses seed + i)")
     p.add_argument("--head", default=None, help="draft head directory, or 'random' (default: the shipped FSPAD head)")
-    p.add_argument("--peers", default="", help="comma list of peers on the same model: hf (generate), pld (prompt lookup)")
+    p.add_argument(
+        "--peers",
+        default="",
+        help="comma list of paths beside ours on the same model: hf (Hugging Face generate), pld (its prompt lookup), "
+        "head (our speculative path with lookup drafting off: the head alone)",
+    )
     p.add_argument("--pld-tokens", type=int, default=10, help="draft tokens per prompt-lookup step (pld peer)")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the untimed warm-up per path (0 = none)")
     p.add_argument("--near-tie", type=float, default=1e-4, help="top-2 logit margin below which a mismatch is a float near-tie")
@@ -43,7 +50,7 @@ def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
 def run_bench_command(args: argparse.Namespace) -> int:
     import specdec.cli as cli
     from specdec.bench.harness import BenchConfig, run_bench
-    from specdec.bench.peers import make_peers
+    from specdec.bench.peers import PEER_NAMES, make_peers
     from specdec.bench.report import markdown_table, write_report
     from specdec.bench.summary import machine_info, summarize
     from specdec.drafter import load_head_drafter
@@ -60,11 +67,19 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"no valid questions in {args.questions}")
     config = BenchConfig(args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie)
     tree = cli.tree_from_args(args)
-    peer_names = [n.strip() for n in args.peers.split(",") if n.strip()]
+    peer_names = list(dict.fromkeys(n.strip() for n in args.peers.split(",") if n.strip()))
+    unknown = [n for n in peer_names if n not in (*PEER_NAMES, HEAD_ALONE)]
+    if unknown:
+        raise ConfigError(f"unknown peer(s) {', '.join(unknown)}; known: {', '.join((*PEER_NAMES, HEAD_ALONE))}")
     runner = cli.load_runner(args)
     drafter = load_head_drafter(runner, args.head, tree)
-    peers = make_peers(runner, peer_names, args.pld_tokens)
-    records = run_bench(runner, drafter, questions, config, peers, progress=True)
+    variants = {}
+    if HEAD_ALONE in peer_names:
+        if not tree.lookup_tokens:
+            raise ConfigError("the head peer is the speculative path without lookup drafting; --lookup-tokens is already 0")
+        variants[HEAD_ALONE] = load_head_drafter(runner, args.head, replace(tree, lookup_tokens=0))
+    peers = make_peers(runner, [n for n in peer_names if n != HEAD_ALONE], args.pld_tokens)
+    records = run_bench(runner, drafter, questions, config, peers, progress=True, variants=variants)
     settings = {
         **asdict(config),
         "questions_file": str(args.questions),
@@ -92,4 +107,5 @@ def run_bench_command(args: argparse.Namespace) -> int:
             f"AR {m['ar_token']} vs {m['token']} (top-2 margin {m['margin']:.3g})",
             file=sys.stderr,
         )
-    return 1 if result["overall"]["greedy_mismatches"] else 0
+    ours = [result["overall"]["greedy_mismatches"]] + [result["overall"]["peers"][name]["mismatches_vs_ar"] for name in variants]
+    return 1 if any(ours) else 0

@@ -12,7 +12,7 @@ the tolerance (DESIGN.md: tree and one-token forwards differ in float rounding).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import torch
 from tqdm import tqdm
@@ -91,11 +91,14 @@ def run_bench(
     config: BenchConfig = BenchConfig(),
     peers: Sequence[Peer] = (),
     progress: bool = False,
+    variants: Mapping[str, Drafter] | None = None,
 ) -> list[TurnRecord]:
-    """Decode every turn with each path (after a warm-up) and return one record per turn."""
+    """Decode every turn with each path (after a warm-up) and return one record per turn.
+    `variants`: more speculative paths by name (our decode loop with another drafter, e.g. the
+    same head without lookup drafting), reported beside the peers."""
     if not questions:
         return []
-    paths = _paths(runner, drafter, peers, config)
+    paths = _paths(runner, drafter, peers, config, variants or {})
     if config.warmup_tokens:
         prompt = runner.encode_messages([{"role": "user", "content": questions[0].turns[0]}])
         for run in paths.values():
@@ -142,7 +145,9 @@ def _token_at(ids: Sequence[int], position: int) -> int | None:
 Runner = Callable[[list[int], int, int], PathRun]
 
 
-def _paths(runner: TargetRunner, drafter: Drafter, peers: Sequence[Peer], config: BenchConfig) -> dict[str, Runner]:
+def _paths(
+    runner: TargetRunner, drafter: Drafter, peers: Sequence[Peer], config: BenchConfig, variants: Mapping[str, Drafter]
+) -> dict[str, Runner]:
     """Each path as a function (prompt ids, max new tokens, seed) -> PathRun."""
 
     def ours(with_drafter: Drafter | None) -> Runner:
@@ -167,10 +172,11 @@ def _paths(runner: TargetRunner, drafter: Drafter, peers: Sequence[Peer], config
         return run
 
     paths = {AR: ours(None), SPEC: ours(drafter)}
-    for p in peers:
-        if p.name in paths:
-            raise ValueError(f"peer name {p.name!r} is taken")
-        paths[p.name] = peer(p)
+    named = [(p.name, peer(p)) for p in peers] + [(name, ours(d)) for name, d in variants.items()]
+    for name, run in named:
+        if name in paths:
+            raise ValueError(f"path name {name!r} is taken")
+        paths[name] = run
     return paths
 
 

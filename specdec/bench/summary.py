@@ -109,8 +109,10 @@ def machine_info(runner: TargetRunner) -> dict:
 def _peer_block(runs: list[PathRun], spec_tps: float, greedy: bool) -> dict:
     tps = _tokens_per_s(runs)
     divergences = [r.divergence for r in runs if r.divergence is not None]
+    forwards = sum(r.target_forwards for r in runs)
     return {
         "tokens_per_s": round(tps, 2),
+        "tau": _ratio(sum(r.new_tokens for r in runs), forwards) if forwards else None,  # our own loop's variants only
         "new_tokens": sum(r.new_tokens for r in runs),
         "seconds": round(sum(r.seconds for r in runs), 3),
         "spec_speedup": _ratio(spec_tps, tps),
