@@ -14,7 +14,7 @@ from specdec.config import ConfigError, SamplingParams, StopConfig, TreeConfig
 from specdec.generate import Generation
 from specdec.lookup import FIRST_TOKEN_PROB, MAX_MATCH, NEXT_TOKEN_PROB, NgramIndex, chain_log_probs
 from specdec.tree import CandidateTree, DraftTree, select_nodes
-from tests.test_core_sampling import ALPHA, chi2_pvalue, exact_second_token
+from tests.test_core_sampling import ALPHA, chi2_pvalue, exact_second_token, sample_first_two
 from specdec.drafter import HeadDraftSession
 from tests.tiny import tiny_drafter, tiny_head, tiny_runner
 
@@ -191,13 +191,7 @@ def test_lookup_drafting_keeps_the_sampled_distribution():
     params = SamplingParams(temperature=0.3)
     p1, p2 = exact_second_token(runner, prompt, params)
     drafter = tiny_drafter(runner, TreeConfig(top_k=1, depth=1, total_tokens=6, min_prob=0.0, lookup_tokens=4))
-    firsts, seconds, accepted = [], [], 0
-    for seed in range(1500):
-        gen = Generation(runner, prompt, SamplingParams(0.3, seed=seed), StopConfig(max_new_tokens=2), drafter)
-        list(gen)
-        firsts.append(gen.token_ids[0])
-        seconds.append(gen.token_ids[1])
-        accepted += sum(gen.stats.accepted_per_round)
+    firsts, seconds, accepted = sample_first_two(runner, prompt, params, drafter, 1500)
     assert accepted > 300, "lookup chains should be accepted often here"
     assert chi2_pvalue(firsts, p1) > ALPHA
     assert chi2_pvalue(seconds, p2) > ALPHA

@@ -91,18 +91,24 @@ def test_speculative_sampling_matches_target_distribution(params):
     runner = tiny_runner(11, sharpness=8.0)
     prompt = [5, 17, 42, 8]
     p1, p2 = exact_second_token(runner, prompt, params)
-    drafter = OracleDrafter(runner, width=3, depth=2)
+    firsts, seconds, accepted = sample_first_two(runner, prompt, params, OracleDrafter(runner, width=3, depth=2), 2000)
+    assert accepted > 300, "the drafter should be right often enough to exercise acceptance"
+    assert chi2_pvalue(firsts, p1) > ALPHA
+    assert chi2_pvalue(seconds, p2) > ALPHA
+
+
+def sample_first_two(runner, prompt: list[int], params: SamplingParams, drafter, runs: int) -> tuple[list[int], list[int], int]:
+    """The first two tokens of `runs` speculative generations (seeds 0..runs-1) and the drafts
+    accepted over all of them."""
     firsts, seconds, accepted = [], [], 0
-    for seed in range(2000):
+    for seed in range(runs):
         s = SamplingParams(params.temperature, params.top_p, params.top_k, seed=seed)
         gen = Generation(runner, prompt, s, StopConfig(max_new_tokens=2), drafter)
         list(gen)
         firsts.append(gen.token_ids[0])
         seconds.append(gen.token_ids[1])
         accepted += sum(gen.stats.accepted_per_round)
-    assert accepted > 300, "the drafter should be right often enough to exercise acceptance"
-    assert chi2_pvalue(firsts, p1) > ALPHA
-    assert chi2_pvalue(seconds, p2) > ALPHA
+    return firsts, seconds, accepted
 
 
 def test_plain_sampling_is_seeded_and_reproducible():
