@@ -1,10 +1,13 @@
-"""The drafter interface and its in-process implementation over a draft head (EAGLE-2 trees).
+"""The drafter interface and its in-process implementation over a draft head (EAGLE-2 trees,
+with lookup chains from the sequence's own text among the candidates: `specdec.lookup`).
 
 A session mirrors one sequence. Its invariant: it knows tokens T[0..N] and the target's
 features F[0..N-1]: every token but the last, whose feature the target has not computed yet.
 That last token is the root of the next tree. `open` starts with the prompt plus the first
 generated token and the prompt's features; `extend` adds the tokens committed by a round
-(accepted + bonus) with the features of the tokens before them (old root + accepted).
+(accepted + bonus) with the features of the tokens before them (old root + accepted). The
+head reads features lazily, in the next round that runs it (a round whose tree is a likely
+lookup chain alone skips the head).
 
 The gRPC client in services/ implements the same two classes, so the decode loop cannot tell
 an embedded drafter from a remote one.
