@@ -13,7 +13,7 @@ from tests.tiny import tiny_runner
 
 
 def test_shape_parsing():
-    assert parse_shape("6:5:16") == TreeConfig(top_k=6, depth=5, total_tokens=16, min_prob=0.0)
+    assert parse_shape("6:5:16") == TreeConfig(top_k=6, depth=5, total_tokens=16, min_prob=0.0, lookup_tokens=0)
     assert shape_name(TreeConfig(top_k=4, depth=3, total_tokens=8)) == "k4-d3-n8"
     with pytest.raises(ConfigError, match="K:D:N"):
         parse_shape("6x5")

@@ -73,12 +73,13 @@ def shape_name(tree: TreeConfig) -> str:
 
 def parse_shape(text: str) -> TreeConfig:
     """'K:D:N' (top-k, depth, total tokens) to a tree config that expands and verifies the whole
-    shape (min_prob 0): a shape's cost must not depend on how confident the head is."""
+    shape (min_prob 0, no lookup chains): a shape's cost must not depend on how confident the
+    head is or on whether the text repeats."""
     try:
         k, d, n = (int(x) for x in text.split(":"))
     except ValueError:
         raise ConfigError(f"tree shape {text!r} is not K:D:N (top-k, depth, total tokens)") from None
-    return TreeConfig(top_k=k, depth=d, total_tokens=n, min_prob=0.0)
+    return TreeConfig(top_k=k, depth=d, total_tokens=n, min_prob=0.0, lookup_tokens=0)
 
 
 def costs_parser(sub) -> Callable[[argparse.Namespace], int]:
