@@ -52,10 +52,7 @@ def add_tree_args(parser: argparse.ArgumentParser) -> None:
 
 
 def tree_from_args(args: argparse.Namespace) -> TreeConfig:
-    return TreeConfig(
-        top_k=args.top_k, depth=args.depth, total_tokens=args.total_tokens, min_prob=args.min_prob, lookup_tokens=args.lookup_tokens,
-        lookup_alone=args.lookup_alone,
-    )
+    return TreeConfig.from_attributes(args)
 
 
 def load_runner(args: argparse.Namespace):

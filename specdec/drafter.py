@@ -91,11 +91,15 @@ class HeadDraftSession(DraftSession):
         self.device, self.dtype = param.device, param.dtype
         self.cache = head.new_draft_cache()
         self.index = NgramIndex()
-        self.tokens = self.index.tokens  # every known token; the index appends them
         self._pending: list[torch.Tensor] = []
         self._root_hidden: torch.Tensor | None = None
         self._root_feature: torch.Tensor | None = None
         self.closed = False
+
+    @property
+    def tokens(self) -> list[int]:
+        """Every token the session knows (the n-gram index holds them)."""
+        return self.index.tokens
 
     def extend(self, token_ids: Sequence[int], features: torch.Tensor) -> None:
         if self.closed:

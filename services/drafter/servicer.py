@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from dataclasses import asdict
 from itertools import count
 from typing import Iterator
 
@@ -42,8 +43,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
             hidden_size=cfg.hidden_size,
             vocab_size=cfg.vocab_size,
             draft_vocab_size=cfg.draft_vocab_size,
-            tree=pb.TreeSettings(top_k=tree.top_k, depth=tree.depth, total_tokens=tree.total_tokens, min_prob=tree.min_prob,
-                                  lookup_tokens=tree.lookup_tokens, lookup_alone=tree.lookup_alone),
+            tree=pb.TreeSettings(**asdict(tree)),
             specdec_version=specdec.__version__,
             protocol_version=PROTOCOL_VERSION,
             max_sessions=self.max_sessions,

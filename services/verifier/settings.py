@@ -61,10 +61,7 @@ class VerifierSettings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
 
     def tree(self) -> TreeConfig:
-        return TreeConfig(
-            top_k=self.top_k, depth=self.depth, total_tokens=self.total_tokens, min_prob=self.min_prob, lookup_tokens=self.lookup_tokens,
-            lookup_alone=self.lookup_alone,
-        )
+        return TreeConfig.from_attributes(self)
 
 
 def parse_settings(argv: list[str] | None) -> VerifierSettings:
