@@ -12,6 +12,10 @@ class ConfigError(ValueError):
 # What the default target's GGUF products multiply their weights with (`TargetRunner.load`).
 ACTIVATIONS = ("float32", "int8")
 
+# Tokens of finished sequences a verifier keeps for prompts that start with them
+# (`specdec.prefix_cache`): about 400 MB of keys, values and features for the default target.
+DEFAULT_PREFIX_CACHE_TOKENS = 8192
+
 
 @dataclass(frozen=True)
 class SamplingParams:

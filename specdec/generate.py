@@ -4,6 +4,8 @@ Each round verifies a tree with one target forward: a root-only tree without a d
 decoding), the drafter's proposal with one. Tokens are yielded as soon as a round commits them.
 If the drafter becomes unavailable the loop continues with root-only trees (same output) and
 retries the drafter every `retry_rounds` rounds, reopening its session from the full history.
+With a prefix cache, a prompt's longest cached prefix is restored instead of prefilled, and the
+finished sequence is stored for the next prompt that starts with it (`specdec.prefix_cache`).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import torch
 
 from specdec.config import ConfigError, SamplingParams, StopConfig
 from specdec.drafter import Drafter, DrafterUnavailable, DraftSession
+from specdec.prefix_cache import PrefixCache
 from specdec.sampling import make_generator, sample, warp_probs
-from specdec.target import TargetRunner
+from specdec.target import SequenceState, TargetRunner
 from specdec.tree import DraftTree
 from specdec.verify import verify_greedy, verify_sampling
 
@@ -37,6 +40,7 @@ class GenerationStats:
     prefill counts as a forward producing the first token, so plain decoding has tau 1.0)."""
 
     prompt_tokens: int = 0
+    cached_prompt_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     new_tokens: int = 0
     target_forwards: int = 0
     accepted_per_round: list[int] = field(default_factory=list)
@@ -110,6 +114,7 @@ class Generation:
         stop: StopConfig = StopConfig(),
         drafter: Drafter | None = None,
         retry_rounds: int = 8,
+        prefix_cache: PrefixCache | None = None,
     ):
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
@@ -118,7 +123,7 @@ class Generation:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {runner.max_length} tokens"
             )
         self.runner, self.prompt_ids, self.sampling, self.stop = runner, list(prompt_ids), sampling, stop
-        self.drafter, self.retry_rounds = drafter, retry_rounds
+        self.drafter, self.retry_rounds, self.prefix_cache = drafter, retry_rounds, prefix_cache
         self.eos = set(stop.eos_token_ids or runner.eos_token_ids)
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.token_ids: list[int] = []
@@ -141,13 +146,20 @@ class Generation:
             yield Chunk([], "", "length")
             return
         gen = make_generator(self.sampling.seed)
-        state = runner.new_state()
-        features, logits = runner.prefill(state, self.prompt_ids)
-        stats.target_forwards = 1
-        root = self._pick(logits, gen)
         # Target features of every committed token but the root, in pieces (concatenated only
         # when a drafter session must be reopened, not copied every round).
-        history = [features]
+        history: list[torch.Tensor] = []
+        if self.prefix_cache is None:
+            state = runner.new_state()
+        else:
+            state, cached = self.prefix_cache.restore(runner, self.prompt_ids)
+            if cached is not None:
+                history.append(cached)
+        stats.cached_prompt_tokens = state.length
+        features, logits = runner.prefill(state, self.prompt_ids[state.length :])
+        history.append(features)
+        stats.target_forwards = 1
+        root = self._pick(logits, gen)
         session = self._open(self.prompt_ids + [root], history)
         retry_at = None if session or not self.drafter else self.retry_rounds
         chunk = self._commit([root])
@@ -204,6 +216,16 @@ class Generation:
                     session.close()
                 except DrafterUnavailable:
                     pass
+            self._store(state, history)
+
+    def _store(self, state: SequenceState, history: list[torch.Tensor]) -> None:
+        """Hand the committed tokens to the prefix cache. The KV cache may hold more than the
+        answer (tokens a round committed past a stop) and lacks the last token (the root of a
+        round that never ran), so the stored sequence is the prompt and answer cut to both."""
+        if self.prefix_cache is None or state.pending:
+            return
+        tokens = (self.prompt_ids + self.token_ids)[: state.length]
+        self.prefix_cache.store(tokens, state, torch.cat(history) if len(history) > 1 else history[0])
 
     def _budget(self) -> int:
         return self.drafter.budget if self.drafter is not None else 1

@@ -182,13 +182,18 @@ class TargetRunner:
 
     @torch.inference_mode()
     def prefill(self, state: SequenceState, token_ids: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Commit the prompt. Returns (features [L, d], logits of the next token [V])."""
-        if state.length or state.pending:
-            raise RuntimeError("prefill needs a fresh sequence state")
+        """Commit the prompt's tokens after the state's committed ones (none in a fresh state;
+        a prefix restored from `specdec.prefix_cache` otherwise), attending causally.
+        Returns (features of the new tokens [L, d], logits of the next token [V])."""
+        if state.pending:
+            raise RuntimeError("commit the pending tree before a prefill")
+        if not token_ids:
+            raise ValueError("prefill needs at least one token")
+        past = state.length
         ids = torch.tensor(list(token_ids), device=self.device)
-        state.cache.reserve(len(ids) + 64)
-        hidden = self.lean(ids, torch.arange(len(ids), device=self.device), state.cache, 0, None)
-        state.length = len(ids)
+        state.cache.reserve(past + len(ids) + 64)
+        hidden = self.lean(ids, torch.arange(past, past + len(ids), device=self.device), state.cache, past, None)
+        state.length = past + len(ids)
         return hidden, self.lean.lm_head(hidden[-1])
 
     @torch.inference_mode()

@@ -12,7 +12,7 @@ from specdec.bench.peers import make_peers
 from specdec.bench.report import HISTOGRAM_PNG, SPEEDUP_PNG, write_report
 from specdec.bench.summary import machine_info, summarize
 from specdec.cli import main
-from specdec.config import ConfigError
+from specdec.config import DEFAULT_PREFIX_CACHE_TOKENS, ConfigError
 from specdec.train.data import Question
 from tests.tiny import CharTokenizer, OracleDrafter, tiny_drafter, tiny_runner
 
@@ -88,6 +88,24 @@ def test_every_path_decodes_the_same_prompt_with_the_ar_answer_as_context():
     assert first.runs[SPEC].draft_tokens > 0 and first.runs[AR].draft_tokens == 0
 
 
+def test_each_path_reuses_its_own_earlier_turns_with_a_prefix_cache():
+    runner = chat_runner(1)
+    records, result = bench(runner, OracleDrafter(runner, width=2, depth=3), prefix_cache_tokens=1000)
+    first, second, other = records
+    for name in (AR, SPEC):
+        assert first.runs[name].cached_prompt_tokens == 0  # the warm-up's entry was dropped
+        # Turn 2 restores turn 1's prompt and answer (as far as the re-encoded answer agrees).
+        assert second.runs[name].cached_prompt_tokens > len(runner.tokenizer.encode("DescribeAnIsland"))
+    overall = result["overall"]
+    assert overall["greedy_mismatches"] == 0 and overall["near_tie_mismatches"] == 0
+    assert overall["ar_cached_prompt_tokens"] == sum(r.runs[AR].cached_prompt_tokens for r in records)
+    assert overall["spec_cached_prompt_tokens"] == sum(r.runs[SPEC].cached_prompt_tokens for r in records)
+    assert overall["prompt_tokens"] == sum(r.prompt_tokens for r in records)
+    uncached = bench(runner, OracleDrafter(runner, width=2, depth=3))[0]
+    assert [r.runs[AR].token_ids for r in uncached] == [r.runs[AR].token_ids for r in records]
+    assert all(run.cached_prompt_tokens == 0 for r in uncached for run in r.runs.values())
+
+
 def test_a_divergence_is_found_classified_and_counted():
     runner = chat_runner(2)
     records, _ = bench(runner, tiny_drafter(runner))
@@ -135,7 +153,7 @@ def test_cli_help_lists_the_options(capsys):
         main(["bench", "--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for option in ("--questions", "--limit", "--per-category", "--max-new-tokens", "--temperature", "--head", "--peers", "--json", "--report", "--top-k", "--model"):
+    for option in ("--questions", "--limit", "--per-category", "--max-new-tokens", "--temperature", "--head", "--peers", "--json", "--report", "--top-k", "--model", "--prefix-cache-tokens"):
         assert option in out
 
 
@@ -152,6 +170,8 @@ def test_cli_runs_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     assert result["overall"]["greedy_mismatches"] == 0 and result["overall"]["turns"] == 2
     assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6, "min_prob": 0.01, "lookup_tokens": 4, "lookup_alone": 0.8}
     assert result["config"]["peers"] == ["pld", "head"]
+    assert result["config"]["prefix_cache_tokens"] == DEFAULT_PREFIX_CACHE_TOKENS  # on by default, as in the server
+    assert result["overall"]["spec_cached_prompt_tokens"] > 0 and result["overall"]["ar_cached_prompt_tokens"] > 0
     head = result["overall"]["peers"]["head"]
     assert head["mismatches_vs_ar"] == 0 and head["tau"] >= 1.0 and head["new_tokens"] == result["overall"]["ar_new_tokens"]
     assert result["overall"]["peers"]["pld"]["tau"] is None
@@ -168,6 +188,8 @@ def test_cli_refuses_unknown_peers_and_a_head_peer_without_lookup(tmp_path, monk
     assert "unknown peer(s) vllm; known: hf, pld, head" in capsys.readouterr().err
     assert main(base + ["--peers", "head", "--lookup-tokens", "0"]) == 2
     assert "lookup drafting" in capsys.readouterr().err
+    assert main(base + ["--prefix-cache-tokens", "-1"]) == 2
+    assert "--prefix-cache-tokens must be >= 0" in capsys.readouterr().err
 
 
 def test_cli_per_category_takes_the_first_questions_of_each_category(tmp_path, monkeypatch, capsys):

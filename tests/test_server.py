@@ -55,6 +55,17 @@ def test_streamed_greedy_completion_equals_specdec_generate(embedded_server: str
     assert usage["prompt_tokens"] == expected["prompt_tokens"]
 
 
+def test_a_repeated_prompt_is_served_from_the_prefix_cache(embedded_server: str) -> None:
+    """On the real default target: the same request again restores all of its prompt but the
+    last token from the cache (on by default) and answers the same text as a fresh run."""
+    expected = specdec_generate(PROMPT + " red,", 8)
+    body = {"prompt": PROMPT + " red,", "max_tokens": 8, "temperature": 0}
+    first = httpx.post(embedded_server + "/v1/completions", json=body, timeout=120).json()
+    again = httpx.post(embedded_server + "/v1/completions", json=body, timeout=120).json()
+    assert first["choices"][0]["text"] == again["choices"][0]["text"] == expected["text"]
+    assert again["usage"]["prompt_tokens_details"]["cached_tokens"] == expected["prompt_tokens"] - 1
+
+
 def test_health(embedded_server: str) -> None:
     response = httpx.get(embedded_server + "/health", timeout=10)
     assert response.status_code == 200 and response.json() == {"status": "ok"}

@@ -26,6 +26,7 @@ from services.verifier.settings import VerifierSettings
 from specdec.config import TreeConfig
 from specdec.drafter import HeadDrafter
 from specdec.head import DraftHead, HeadConfig
+from specdec.prefix_cache import PrefixCache
 from specdec.target import TargetRunner
 from tests.conftest import free_port
 from tests.tiny import SlowDrafter
@@ -46,7 +47,7 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, chat_template=CHAT_TEMPLATE)
 
 
-def tiny_engine(round_delay: float = 0.0) -> Engine:
+def tiny_engine(round_delay: float = 0.0, prefix_cache: PrefixCache | None = None) -> Engine:
     """A random 2-layer target with a random head; `round_delay` seconds are added to each
     drafted round (to keep a generation busy for the queue and disconnect tests)."""
     tokenizer = byte_tokenizer()
@@ -58,7 +59,7 @@ def tiny_engine(round_delay: float = 0.0) -> Engine:
     runner = TargetRunner(LlamaForCausalLM(cfg).eval().requires_grad_(False), tokenizer, name="tiny")
     head = DraftHead(HeadConfig.for_target(runner.config, "fspad", target="tiny"), runner.embed_tokens, runner.lm_head.weight)
     drafter = SlowDrafter(HeadDrafter(head, TreeConfig(top_k=2, depth=2, total_tokens=4, min_prob=0.0)), round_delay)
-    return Engine(runner, drafter, "embedded", "tiny")
+    return Engine(runner, drafter, "embedded", "tiny", prefix_cache=prefix_cache)
 
 
 def serve_app(engine: Engine) -> Iterator[str]:
@@ -79,6 +80,12 @@ def serve_app(engine: Engine) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def base() -> Iterator[str]:
     yield from serve_app(tiny_engine())
+
+
+@pytest.fixture(scope="module")
+def cached_base() -> Iterator[str]:
+    """The same server with a prefix cache."""
+    yield from serve_app(tiny_engine(prefix_cache=PrefixCache(4096)))
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +129,9 @@ def test_completion_whole(base: str) -> None:
     assert body["object"] == "text_completion" and body["model"] == "tiny" and body["id"].startswith("cmpl-")
     (choice,) = body["choices"]
     assert choice["index"] == 0 and choice["finish_reason"] == "length" and isinstance(choice["text"], str)
-    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}
+    assert body["usage"] == {
+        "prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10, "prompt_tokens_details": {"cached_tokens": 0}
+    }
 
 
 def test_completion_stream_equals_whole_and_reports_usage(base: str) -> None:
@@ -161,6 +170,27 @@ def test_chat_whole_and_stream(base: str) -> None:
     assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
     assert "".join(e["choices"][0]["delta"].get("content", "") for e in events[1:-1]) == choice["message"]["content"]
     assert events[-2]["choices"][0]["finish_reason"] == "length"
+
+
+def test_a_chats_next_turn_reuses_the_cached_conversation(base: str, cached_base: str) -> None:
+    """The second turn resends the first turn and its answer: with a prefix cache they are
+    restored, not prefilled (usage's cached_tokens, the metric), and the answer is the same."""
+    first = [{"role": "user", "content": "tell me a story"}]
+    reply = post(cached_base, "/v1/chat/completions", {"messages": first, "max_tokens": 10, "temperature": 0}).json()
+    assert reply["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    second = {
+        "messages": first + [reply["choices"][0]["message"], {"role": "user", "content": "shorter"}],
+        "max_tokens": 10,
+        "temperature": 0,
+    }
+    cached = post(cached_base, "/v1/chat/completions", second).json()
+    plain = post(base, "/v1/chat/completions", second).json()
+    turn_one = len("<user>tell me a story\n<assistant>".encode())
+    assert cached["usage"]["prompt_tokens_details"]["cached_tokens"] >= turn_one
+    assert plain["usage"]["prompt_tokens_details"] == {"cached_tokens": 0}
+    assert cached["choices"][0]["message"] == plain["choices"][0]["message"]
+    assert metric(cached_base, "specdec_cached_prompt_tokens_total") == cached["usage"]["prompt_tokens_details"]["cached_tokens"]
+    assert metric(cached_base, "specdec_prompt_tokens_total") == reply["usage"]["prompt_tokens"] + cached["usage"]["prompt_tokens"]
 
 
 def test_chat_default_max_tokens(base: str) -> None:

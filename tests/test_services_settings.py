@@ -7,6 +7,7 @@ import pytest
 
 from services.drafter.settings import parse_settings as parse_drafter
 from services.verifier.settings import parse_settings as parse_verifier
+from specdec.config import DEFAULT_PREFIX_CACHE_TOKENS
 
 
 def test_flags_override_environment_override_defaults(monkeypatch) -> None:
@@ -20,6 +21,8 @@ def test_flags_override_environment_override_defaults(monkeypatch) -> None:
     assert parse_verifier([]).activations == "float32"
     monkeypatch.setenv("SPECDEC_VERIFIER_ACTIVATIONS", "int8")
     assert parse_verifier([]).activations == "int8"
+    assert parse_verifier([]).prefix_cache_tokens == DEFAULT_PREFIX_CACHE_TOKENS
+    assert parse_verifier(["--prefix-cache-tokens", "0"]).prefix_cache_tokens == 0
 
 
 def test_empty_environment_values_mean_unset(monkeypatch) -> None:
@@ -36,7 +39,7 @@ def test_drafter_tree_settings(monkeypatch) -> None:
     assert (settings.tree().top_k, settings.tree().depth, settings.tree().total_tokens) == (4, 3, 8)
 
 
-@pytest.mark.parametrize("argv", [["--max-queue", "-1"], ["--port", "70000"], ["--dtype", "float8"], ["--drafter-timeout", "0"], ["--activations", "int4"]])
+@pytest.mark.parametrize("argv", [["--max-queue", "-1"], ["--port", "70000"], ["--dtype", "float8"], ["--drafter-timeout", "0"], ["--activations", "int4"], ["--prefix-cache-tokens", "-1"]])
 def test_invalid_verifier_settings_exit_2(argv, capsys) -> None:
     with pytest.raises(SystemExit) as exit_info:
         parse_verifier(argv)

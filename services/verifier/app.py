@@ -253,7 +253,12 @@ def _sse(obj: dict) -> str:
 def _usage(gens: list[Generation]) -> dict:
     prompt = gens[0].stats.prompt_tokens
     completion = sum(g.stats.new_tokens for g in gens)
-    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": gens[0].stats.cached_prompt_tokens},
+    }
 
 
 def _speculation(gens: list[Generation]) -> dict:

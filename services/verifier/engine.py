@@ -11,6 +11,7 @@ from specdec.cli import DTYPES
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import Drafter, load_head_drafter
 from specdec.generate import Generation
+from specdec.prefix_cache import PrefixCache
 from specdec.target import TargetRunner
 
 log = logging.getLogger("specdec.verifier")
@@ -25,9 +26,12 @@ class Engine:
     drafter_kind: str
     model_name: str
     retry_rounds: int = 8
+    prefix_cache: PrefixCache | None = None
 
     def generation(self, prompt_ids: Sequence[int], sampling: SamplingParams, stop: StopConfig) -> Generation:
-        return Generation(self.runner, prompt_ids, sampling, stop, self.drafter, retry_rounds=self.retry_rounds)
+        return Generation(
+            self.runner, prompt_ids, sampling, stop, self.drafter, retry_rounds=self.retry_rounds, prefix_cache=self.prefix_cache
+        )
 
     def drafter_state(self) -> str:
         """'embedded', 'none', 'remote-ok' or 'remote-unavailable' (then requests decode plainly)."""
@@ -48,12 +52,13 @@ def build_engine(settings) -> Engine:
         torch.set_num_threads(settings.threads)
     runner = TargetRunner.load(settings.model, DTYPES[settings.dtype], settings.device, settings.activations)
     name = settings.served_model_name or runner.name
+    cache = PrefixCache(settings.prefix_cache_tokens) if settings.prefix_cache_tokens else None
     if settings.drafter == "none":
-        return Engine(runner, None, "none", name, settings.drafter_retry_rounds)
+        return Engine(runner, None, "none", name, settings.drafter_retry_rounds, cache)
     if settings.drafter == "embedded":
         drafter = load_head_drafter(runner, settings.head, settings.tree())
         log.info("embedded drafter: head %s, %s", settings.head or "default", settings.tree())
-        return Engine(runner, drafter, "embedded", name, settings.drafter_retry_rounds)
+        return Engine(runner, drafter, "embedded", name, settings.drafter_retry_rounds, cache)
     from services.verifier.remote_drafter import RemoteDrafter
 
     remote = RemoteDrafter(
@@ -64,4 +69,4 @@ def build_engine(settings) -> Engine:
         max_tree_tokens=settings.max_tree_tokens,
     )
     log.info("remote drafter at %s (%s)", settings.drafter, "reachable" if remote.reachable() else "not reachable yet")
-    return Engine(runner, remote, "remote", name, settings.drafter_retry_rounds)
+    return Engine(runner, remote, "remote", name, settings.drafter_retry_rounds, cache)

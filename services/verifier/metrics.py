@@ -18,6 +18,10 @@ class Metrics:
         self.requests = Counter("specdec_requests", "HTTP API requests by endpoint and status", ["endpoint", "status"], registry=r)
         self.ttft = Histogram("specdec_ttft_seconds", "request arrival to first token", buckets=_LATENCY_BUCKETS, registry=r)
         self.tokens = Counter("specdec_generated_tokens", "tokens generated", registry=r)
+        self.prompt_tokens = Counter("specdec_prompt_tokens", "prompt tokens of generations", registry=r)
+        self.cached_prompt_tokens = Counter(
+            "specdec_cached_prompt_tokens", "prompt tokens restored from the prefix cache instead of prefilled", registry=r
+        )
         self.drafts = Counter("specdec_drafts", "rounds that verified a drafted tree", registry=r)
         self.draft_tokens = Counter("specdec_draft_tokens", "draft tokens proposed (roots excluded)", registry=r)
         self.accepted = Counter("specdec_accepted_tokens", "draft tokens accepted by the target", registry=r)
@@ -32,6 +36,8 @@ class Metrics:
     def record_generation(self, stats: GenerationStats) -> None:
         """Add one finished (or cancelled) generation's counters."""
         self.tokens.inc(stats.new_tokens)
+        self.prompt_tokens.inc(stats.prompt_tokens)
+        self.cached_prompt_tokens.inc(stats.cached_prompt_tokens)
         self.drafts.inc(len(stats.accepted_per_round))
         self.draft_tokens.inc(stats.draft_tokens)
         self.accepted.inc(sum(stats.accepted_per_round))

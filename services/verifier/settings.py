@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.settings import parse_or_exit
-from specdec.config import TreeConfig
+from specdec.config import DEFAULT_PREFIX_CACHE_TOKENS, TreeConfig
 
 _TREE = TreeConfig()
 
@@ -46,6 +46,12 @@ class VerifierSettings(BaseSettings):
     min_prob: float = Field(_TREE.min_prob, ge=0.0, lt=1.0, description="embedded drafter: verify only draft nodes with at least this cumulative draft probability")
     lookup_tokens: int = Field(_TREE.lookup_tokens, ge=0, description="embedded drafter: longest lookup chain (tokens that followed an earlier occurrence of the current suffix) added to each tree; 0 = off")
     lookup_alone: float = Field(_TREE.lookup_alone, gt=0.0, le=1.0, description="embedded drafter: a lookup chain at least this likely is proposed without running the head (1 = never)")
+    prefix_cache_tokens: int = Field(
+        DEFAULT_PREFIX_CACHE_TOKENS,
+        ge=0,
+        description="tokens of finished requests kept so that a prompt starting with one (a chat's next turn, a shared "
+        "system prompt) prefills only the rest; 0 = off",
+    )
     drafter_timeout: float = Field(2.0, gt=0, description="remote drafter: deadline of one call, seconds")
     drafter_retry_rounds: int = Field(8, ge=1, description="rounds of plain decoding before retrying a failed drafter")
     feature_dtype: Literal["float16", "bfloat16", "float32"] = Field(

@@ -9,7 +9,7 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
-from specdec.config import ConfigError
+from specdec.config import DEFAULT_PREFIX_CACHE_TOKENS, ConfigError
 
 HEAD_ALONE = "head"  # the --peers name of our speculative path without lookup drafting
 
@@ -39,6 +39,12 @@ def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
     )
     p.add_argument("--pld-tokens", type=int, default=10, help="draft tokens per prompt-lookup step (pld peer)")
     p.add_argument("--warmup-tokens", type=int, default=16, help="tokens of the untimed warm-up per path (0 = none)")
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=DEFAULT_PREFIX_CACHE_TOKENS,
+        help="tokens of finished turns each of our paths keeps for reuse by a later prompt (its own next turn); 0 = off",
+    )
     p.add_argument("--near-tie", type=float, default=1e-4, help="top-2 logit margin below which a mismatch is a float near-tie")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and PNG plots here")
@@ -65,7 +71,11 @@ def run_bench_command(args: argparse.Namespace) -> int:
     questions, _ = select_questions(args.questions, args.limit, args.per_category)
     if not questions:
         raise ConfigError(f"no valid questions in {args.questions}")
-    config = BenchConfig(args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie)
+    if args.prefix_cache_tokens < 0:
+        raise ConfigError(f"--prefix-cache-tokens must be >= 0, got {args.prefix_cache_tokens}")
+    config = BenchConfig(
+        args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie, args.prefix_cache_tokens
+    )
     tree = cli.tree_from_args(args)
     peer_names = list(dict.fromkeys(n.strip() for n in args.peers.split(",") if n.strip()))
     unknown = [n for n in peer_names if n not in (*PEER_NAMES, HEAD_ALONE)]

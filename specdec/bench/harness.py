@@ -3,7 +3,9 @@ speculative path and optional peers, alternately on the same runner, with per-tu
 
 Multi-turn questions use the chat template; turn n+1 sees the AR answer of turn n as the
 assistant message, so every path decodes exactly the same prompt. The order of the paths
-rotates from turn to turn so that slow drifts of a busy machine hit them alike. Under greedy
+rotates from turn to turn so that slow drifts of a busy machine hit them alike. With a prefix
+cache, each of our paths has its own (a later turn reuses that path's own earlier turns, never
+another path's work), emptied after the warm-up. Under greedy
 decoding every path's token ids are compared with the AR path's: the first differing position
 is a divergence, classified as a near-tie when the target's top-2 logit margin there is below
 the tolerance (DESIGN.md: tree and one-token forwards differ in float rounding).
@@ -21,6 +23,7 @@ from specdec.bench.peers import Peer
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import Drafter
 from specdec.generate import Generation
+from specdec.prefix_cache import PrefixCache
 from specdec.target import TargetRunner
 from specdec.train.data import Question
 
@@ -36,6 +39,7 @@ class BenchConfig:
     seed: int = 0
     warmup_tokens: int = 16
     near_tie: float = 1e-4
+    prefix_cache_tokens: int = 0  # per path; 0 = every prompt is prefilled whole
 
     @property
     def greedy(self) -> bool:
@@ -67,6 +71,7 @@ class PathRun:
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     divergence: Divergence | None = None
+    cached_prompt_tokens: int = 0
 
     @property
     def new_tokens(self) -> int:
@@ -98,11 +103,13 @@ def run_bench(
     same head without lookup drafting), reported beside the peers."""
     if not questions:
         return []
-    paths = _paths(runner, drafter, peers, config, variants or {})
+    paths, caches = _paths(runner, drafter, peers, config, variants or {})
     if config.warmup_tokens:
         prompt = runner.encode_messages([{"role": "user", "content": questions[0].turns[0]}])
         for run in paths.values():
             run(prompt, min(config.warmup_tokens, config.max_new_tokens), config.seed)
+        for cache in caches:
+            cache.clear()
     records: list[TurnRecord] = []
     bar = tqdm(questions, desc="bench", unit="question", disable=not progress)
     for question in bar:
@@ -147,19 +154,27 @@ Runner = Callable[[list[int], int, int], PathRun]
 
 def _paths(
     runner: TargetRunner, drafter: Drafter, peers: Sequence[Peer], config: BenchConfig, variants: Mapping[str, Drafter]
-) -> dict[str, Runner]:
-    """Each path as a function (prompt ids, max new tokens, seed) -> PathRun."""
+) -> tuple[dict[str, Runner], list[PrefixCache]]:
+    """Each path as a function (prompt ids, max new tokens, seed) -> PathRun, and the prefix
+    caches of our paths."""
+    caches: list[PrefixCache] = []
 
     def ours(with_drafter: Drafter | None) -> Runner:
+        cache = PrefixCache(config.prefix_cache_tokens) if config.prefix_cache_tokens else None
+        if cache is not None:
+            caches.append(cache)
+
         def run(prompt: list[int], max_new_tokens: int, seed: int) -> PathRun:
             sampling = SamplingParams(temperature=config.temperature, seed=seed)
-            gen = Generation(runner, prompt, sampling, StopConfig(max_new_tokens=max_new_tokens), with_drafter)
+            gen = Generation(
+                runner, prompt, sampling, StopConfig(max_new_tokens=max_new_tokens), with_drafter, prefix_cache=cache
+            )
             for _ in gen:
                 pass
             s = gen.stats
             return PathRun(
                 list(gen.token_ids), s.seconds, s.target_forwards, list(s.accepted_per_round), s.draft_tokens, s.fallback_rounds,
-                s.draft_seconds, s.verify_seconds,
+                s.draft_seconds, s.verify_seconds, cached_prompt_tokens=s.cached_prompt_tokens,
             )
 
         return run
@@ -177,7 +192,7 @@ def _paths(
         if name in paths:
             raise ValueError(f"path name {name!r} is taken")
         paths[name] = run
-    return paths
+    return paths, caches
 
 
 def _running(records: list[TurnRecord]) -> dict[str, str]:
