@@ -101,6 +101,8 @@ def test_each_path_reuses_its_own_earlier_turns_with_a_prefix_cache():
     assert overall["ar_cached_prompt_tokens"] == sum(r.runs[AR].cached_prompt_tokens for r in records)
     assert overall["spec_cached_prompt_tokens"] == sum(r.runs[SPEC].cached_prompt_tokens for r in records)
     assert overall["prompt_tokens"] == sum(r.prompt_tokens for r in records)
+    assert overall["ar_mean_ttft_ms"] == round(1000 * sum(r.runs[AR].ttft for r in records) / len(records), 4)
+    assert 0 < overall["spec_mean_ttft_ms"] and all(0 < r.runs[SPEC].ttft <= r.runs[SPEC].seconds for r in records)
     uncached = bench(runner, OracleDrafter(runner, width=2, depth=3))[0]
     assert [r.runs[AR].token_ids for r in uncached] == [r.runs[AR].token_ids for r in records]
     assert all(run.cached_prompt_tokens == 0 for r in uncached for run in r.runs.values())
@@ -141,6 +143,7 @@ def test_report_writes_markdown_and_plots(tmp_path):
         assert (tmp_path / "report" / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (tmp_path / "report" / "report.md").read_text()
     assert "| writing |" in text and "| math |" in text and "**overall**" in text and "hf tok/s" in text
+    assert f"Prompts: {result['overall']['prompt_tokens']} tokens" in text and "Mean time to first token" in text
 
 
 def test_unknown_peer_is_a_config_error():

@@ -72,6 +72,7 @@ class PathRun:
     verify_seconds: float = 0.0
     divergence: Divergence | None = None
     cached_prompt_tokens: int = 0
+    ttft: float = 0.0  # seconds to the first token (prefill, or the cached prefix's restore and the rest)
 
     @property
     def new_tokens(self) -> int:
@@ -174,7 +175,7 @@ def _paths(
             s = gen.stats
             return PathRun(
                 list(gen.token_ids), s.seconds, s.target_forwards, list(s.accepted_per_round), s.draft_tokens, s.fallback_rounds,
-                s.draft_seconds, s.verify_seconds, cached_prompt_tokens=s.cached_prompt_tokens,
+                s.draft_seconds, s.verify_seconds, cached_prompt_tokens=s.cached_prompt_tokens, ttft=s.ttft,
             )
 
         return run

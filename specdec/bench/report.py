@@ -49,6 +49,9 @@ def _markdown(result: dict) -> str:
         f"{o['draft_tokens_per_round']:.1f} drafted per round, {o['fallback_rounds']} rounds without the drafter.",
         f"Time per round: drafting {o['spec_draft_ms_per_round']:.1f} ms + tree forward {o['spec_verify_ms_per_round']:.1f} ms "
         f"(speculative), against a plain forward of {o['ar_forward_ms_per_round']:.1f} ms.",
+        f"Prompts: {o['prompt_tokens']} tokens; restored from each path's own prefix cache: {o['ar_cached_prompt_tokens']} (AR), "
+        f"{o['spec_cached_prompt_tokens']} (spec). Mean time to first token: {o['ar_mean_ttft_ms']:.0f} ms (AR), "
+        f"{o['spec_mean_ttft_ms']:.0f} ms (spec).",
         "",
         _row(["accepted", *range(len(o["acceptance_histogram"]))]),
         _row(["---"] * (1 + len(o["acceptance_histogram"]))),

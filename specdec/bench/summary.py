@@ -61,6 +61,8 @@ def block(records: Sequence[TurnRecord], greedy: bool) -> dict:
         # Prompt tokens restored from each path's own prefix cache instead of prefilled.
         "ar_cached_prompt_tokens": sum(a.cached_prompt_tokens for a in ar),
         "spec_cached_prompt_tokens": sum(s.cached_prompt_tokens for s in spec),
+        "ar_mean_ttft_ms": _ratio(1000 * sum(a.ttft for a in ar), len(ar)),
+        "spec_mean_ttft_ms": _ratio(1000 * sum(s.ttft for s in spec), len(spec)),
         "spec_seconds": round(sum(s.seconds for s in spec), 3),
         "ar_seconds": round(sum(a.seconds for a in ar), 3),
         "target_forwards": forwards,
