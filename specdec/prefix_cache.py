@@ -92,7 +92,6 @@ class PrefixCache:
         state = runner.new_state(capacity=max(len(prompt) + 64, 256))
         if entry is None or length < 1:
             return state, None
-        state.cache.reserve(len(prompt) + 64)
         state.cache.data[:, :, :, :length] = entry.kv[:, :, :, :length]
         state.length = length
         return state, entry.features[:length]

@@ -1,4 +1,5 @@
-"""Shared fixtures: free loopback ports and child processes that are always stopped."""
+"""Shared fixtures: free loopback ports, child processes that are always stopped, and one torch
+thread for tiny-model tests."""
 
 from __future__ import annotations
 
@@ -14,8 +15,19 @@ from typing import Callable, Iterator
 
 import httpx
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny-model forwards are overhead-bound: one thread is faster and immune to a busy CPU
+    (modules use it with `pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def free_port() -> int:

@@ -16,12 +16,7 @@ from specdec.tree import DraftTree
 from tests.tiny import OracleDrafter, tiny_drafter, tiny_gguf_runner, tiny_runner
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def generate(runner, prompt, cache=None, drafter=None, max_new_tokens=12):

@@ -23,13 +23,7 @@ from tests.tiny import OracleDrafter, tiny_runner
 ALPHA = 1e-3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny-model forwards are overhead-bound: one thread is faster and immune to a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def chi2_pvalue(samples: list[int], probs: np.ndarray) -> float:
