@@ -91,14 +91,14 @@ class TreeConfig:
             raise ConfigError(f"lookup_tokens must be >= 0: {self.lookup_tokens}")
         if not 0.0 < self.lookup_alone <= 1.0:
             raise ConfigError(f"lookup_alone must be in (0, 1]: {self.lookup_alone}")
+        if not 0.0 <= self.min_prob < 1.0:
+            raise ConfigError(f"min_prob must be in [0, 1): {self.min_prob}")
 
     @classmethod
     def from_attributes(cls, source: object) -> "TreeConfig":
         """The tree settings held by any object with one attribute per field of the same name
         (parsed command-line flags, a service's settings)."""
         return cls(**{f.name: getattr(source, f.name) for f in fields(cls)})
-        if not 0.0 <= self.min_prob < 1.0:
-            raise ConfigError(f"min_prob must be in [0, 1): {self.min_prob}")
 
 
 @dataclass(frozen=True)

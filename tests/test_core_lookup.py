@@ -3,7 +3,9 @@ decoding with it (greedy and sampled output unchanged)."""
 
 from __future__ import annotations
 
+import argparse
 import math
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -201,6 +203,16 @@ def test_lookup_alone_is_validated():
     for bad in (0.0, -0.1, 1.5):
         with pytest.raises(ConfigError):
             TreeConfig(lookup_alone=bad)
+
+
+def test_min_prob_is_validated_however_the_config_is_built():
+    """The check sits in the dataclass itself, so flags and settings objects meet it too."""
+    for bad in (-0.1, 1.0, 1.5):
+        with pytest.raises(ConfigError, match="min_prob"):
+            TreeConfig(min_prob=bad)
+        with pytest.raises(ConfigError, match="min_prob"):
+            TreeConfig.from_attributes(argparse.Namespace(**{**asdict(TreeConfig()), "min_prob": bad}))
+    assert TreeConfig.from_attributes(argparse.Namespace(**asdict(TreeConfig(min_prob=0.0)))).min_prob == 0.0
 
 
 def test_a_likely_chain_is_proposed_without_the_head_which_catches_up_later():
