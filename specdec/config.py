@@ -49,17 +49,19 @@ class TreeConfig:
     """EAGLE-2 dynamic tree: expand the top_k best frontier nodes for `depth` steps, then keep
     the `total_tokens` best nodes (root included) by cumulative draft log-probability.
 
-    Defaults are chosen from `specdec costs` on the 2-core CPU (2 threads, the target's C++
-    decoder stack on its GGUF blocks, the C++ head on Q8_0): a forward of 1/2/4/8 nodes costs
-    about 17/19/22/41 ms, so every node past the first costs 2.5-3 ms, a sixth of a plain step;
-    a proposal of depth 3 and width 4 costs about 5-6 ms; and the shipped heads almost never get
-    a fourth draft token accepted (1% of rounds). With min_prob 0, 0.1, 0.2 and 0.3 the
-    13-question bench gave 0.84x, 1.02x, 1.03x and 1.02x of plain decoding (tau 1.69, 1.51,
-    1.39, 1.30; a second-round head, before the C++ stacks; with them 0.2 and 0.3 gave
-    0.99-1.04x and deeper or wider trees 0.90-0.98x): on this CPU the unlikely nodes cost more
-    than they return, hence the default 0.2. The single most likely
-    draft is verified whatever its probability (`tree.select_nodes`), so a head of unknown
-    calibration, such as a random one, still gets a draft tried each round.
+    Defaults are chosen on the 2-core CPU (2 threads, the target's C++ decoder stack on its GGUF
+    blocks, the C++ head on Q8_0), by A/B runs of whole generations in one process (plain
+    decoding and each tree shape in turn per turn, 26 dev questions, 128 tokens a turn, greedy,
+    session 18): top_k 4, depth 5, 6 nodes, min_prob 0.25 gave 1.315x plain decoding where
+    depth 3 / 8 nodes / 0.2 (the default before) gave 1.245x, depth 4 1.285x and depth 5 with
+    8 nodes 1.280x; in a second run (a quieter hour, plain 82.9 tokens/s) 5 nodes, min_prob
+    0.3, top_k 3 and depth 6 / min_prob 0.2 were all within 1.6% of it. Here a forward of 1 /
+    2 / 4 / 6 / 8 nodes costs about 9 / 11 / 14 / 19 / 23 ms (`specdec costs`, decoder stack and
+    LM head), so every node past the first costs 1.2-1.7 ms, and a proposal 2.3-2.7 ms a round.
+    A small tree reaching deeper pays: the trained heads' top drafts are accepted in long runs,
+    while unlikely siblings cost as much as likely ones. The single most likely draft is
+    verified whatever its probability (`tree.select_nodes`), so a head of unknown calibration,
+    such as a random one, still gets a draft tried each round.
     On a GPU, where a node costs next to nothing, use the reference settings (top_k 10, depth 6,
     total_tokens 60) and min_prob 0 (EAGLE-2's plain top-`total_tokens` tree).
 
@@ -78,9 +80,9 @@ class TreeConfig:
     """
 
     top_k: int = 4
-    depth: int = 3
-    total_tokens: int = 8
-    min_prob: float = 0.2
+    depth: int = 5
+    total_tokens: int = 6
+    min_prob: float = 0.25
     lookup_tokens: int = 7
     lookup_alone: float = 0.7
 
