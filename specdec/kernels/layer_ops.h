@@ -101,67 +101,94 @@ inline __m256 hsum8(const __m256 a[8]) {
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
-// One query (head_dim = 8 * V) against `count` keys and values: softmax(q.k * scale) . v into
-// o. The keys are rows slots[s] of k and v, or rows 0..count-1 when slots is null. p: scratch
-// of count rounded up to 8 floats. Every score, the total and the weighted sum are computed by
-// the same operations whatever count is, so a row's result depends only on the keys it sees.
+// Attention of one query (head_dim = 8 * V) in three steps, so that several queries can share
+// each key and value while it is in L1 (`Attention::run`): scores of any slice of the keys,
+// the softmax over all of them, then the weighted sum of the values, resumable at any even
+// position. Each step computes every score, the total and every FMA chain the same way whatever
+// the slicing, so a query's result depends only on the keys it sees.
 template <int V>
-void attend(const float* q, const float* k, const float* v, const int64_t* slots, int64_t count, float scale, float* p, float* o) {
-  constexpr int64_t hd = 8 * V;
-  const auto row = [&](int64_t s) { return (slots ? slots[s] : s) * hd; };
-  // Scores eight keys at a time (a missing key scores a zero vector), each one FMA chain over
-  // the head's slices then hsum8's lane sum, with the query held in registers.
-  __m256 qv[V];
-  for (int c = 0; c < V; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
-  int64_t s = 0;
-  for (; s < count; s += 8) {
-    const int64_t live = std::min<int64_t>(8, count - s);
-    __m256 acc[8];
-    for (int u = 0; u < 8; ++u) {
-      if (u >= live) {
-        acc[u] = _mm256_setzero_ps();
-        continue;
+struct Query {
+  static constexpr int64_t hd = 8 * V;
+  const float* q;
+  float* p;      // scores, then weights: count rounded up to 8 floats
+  float* acc;    // [2][hd]: the even and odd positions' partial sums of the values
+  int64_t count;
+
+  // Scores of keys at positions from..to-1 (rows slots[s], or s when slots is null), eight at a
+  // time, each one FMA chain over the head's slices then hsum8's lane sum, with the query held
+  // in registers; a missing key scores a zero vector.
+  void score(const float* k, const int64_t* slots, int64_t from, int64_t to, float scale) const {
+    __m256 qv[V];
+    for (int c = 0; c < V; ++c) qv[c] = _mm256_loadu_ps(q + 8 * c);
+    float block[8];
+    for (int64_t s = from; s < to; s += 8) {
+      const int64_t live = std::min<int64_t>(8, to - s);
+      __m256 a[8];
+      for (int u = 0; u < 8; ++u) {
+        if (u >= live) {
+          a[u] = _mm256_setzero_ps();
+          continue;
+        }
+        const float* ks = k + (slots ? slots[s + u] : s + u) * hd;
+        a[u] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(ks));
+        for (int c = 1; c < V; ++c) a[u] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(ks + 8 * c), a[u]);
       }
-      const float* ks = k + row(s + u);
-      acc[u] = _mm256_mul_ps(qv[0], _mm256_loadu_ps(ks));
-      for (int c = 1; c < V; ++c) acc[u] = _mm256_fmadd_ps(qv[c], _mm256_loadu_ps(ks + 8 * c), acc[u]);
-    }
-    _mm256_storeu_ps(p + s, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
-  }
-  const int64_t padded = (count + 7) / 8 * 8;
-  for (s = count; s < padded; ++s) p[s] = -std::numeric_limits<float>::infinity();
-  __m256 vtop = _mm256_loadu_ps(p);
-  for (s = 8; s < padded; s += 8) vtop = _mm256_max_ps(vtop, _mm256_loadu_ps(p + s));
-  vtop = _mm256_max_ps(vtop, _mm256_permute2f128_ps(vtop, vtop, 1));
-  vtop = _mm256_max_ps(vtop, _mm256_permute_ps(vtop, 0x4E));
-  vtop = _mm256_max_ps(vtop, _mm256_permute_ps(vtop, 0xB1));
-  // The total in eight lanes (position order within each), then one lane sum.
-  __m256 sum = _mm256_setzero_ps();
-  for (s = 0; s < padded; s += 8) {
-    const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + s), vtop));
-    _mm256_storeu_ps(p + s, e);
-    sum = _mm256_add_ps(sum, e);
-  }
-  const float total = hsum(sum);
-  // Two accumulators per slice of the head (even and odd positions) halve the FMA chains' length.
-  __m256 acc[2][V];
-  for (int c = 0; c < V; ++c) acc[0][c] = acc[1][c] = _mm256_setzero_ps();
-  for (s = 0; s + 2 <= count; s += 2) {
-    for (int j = 0; j < 2; ++j) {
-      const __m256 w = _mm256_set1_ps(p[s + j]);
-      const float* vs = v + row(s + j);
-      for (int c = 0; c < V; ++c) acc[j][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), acc[j][c]);
+      _mm256_storeu_ps(block, _mm256_mul_ps(hsum8(a), _mm256_set1_ps(scale)));
+      std::copy_n(block, live, p + s);
     }
   }
-  if (s < count) {
-    const __m256 w = _mm256_set1_ps(p[s]);
-    const float* vs = v + row(s);
-    for (int c = 0; c < V; ++c) acc[0][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), acc[0][c]);
+
+  // Scores -> softmax weights in place (unnormalised) and the accumulators cleared; returns the total.
+  float softmax() const {
+    const int64_t padded = (count + 7) / 8 * 8;
+    for (int64_t s = count; s < padded; ++s) p[s] = -std::numeric_limits<float>::infinity();
+    __m256 vtop = _mm256_loadu_ps(p);
+    for (int64_t s = 8; s < padded; s += 8) vtop = _mm256_max_ps(vtop, _mm256_loadu_ps(p + s));
+    vtop = _mm256_max_ps(vtop, _mm256_permute2f128_ps(vtop, vtop, 1));
+    vtop = _mm256_max_ps(vtop, _mm256_permute_ps(vtop, 0x4E));
+    vtop = _mm256_max_ps(vtop, _mm256_permute_ps(vtop, 0xB1));
+    // The total in eight lanes (position order within each), then one lane sum.
+    __m256 sum = _mm256_setzero_ps();
+    for (int64_t s = 0; s < padded; s += 8) {
+      const __m256 e = exp256(_mm256_sub_ps(_mm256_loadu_ps(p + s), vtop));
+      _mm256_storeu_ps(p + s, e);
+      sum = _mm256_add_ps(sum, e);
+    }
+    std::fill_n(acc, 2 * hd, 0.0f);
+    return hsum(sum);
   }
-  for (int c = 0; c < V; ++c) acc[0][c] = _mm256_add_ps(acc[0][c], acc[1][c]);
-  const __m256 inv = _mm256_set1_ps(1.0f / total);
-  for (int c = 0; c < V; ++c) _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(acc[0][c], inv));
-}
+
+  // Adds the values at positions from..to-1 (from even; to even unless it is count) to the
+  // accumulators: two per slice of the head (even and odd positions) halve the FMA chains'
+  // length; a last odd position goes to the even one.
+  void add_values(const float* v, const int64_t* slots, int64_t from, int64_t to) const {
+    __m256 a[2][V];
+    for (int j = 0; j < 2; ++j)
+      for (int c = 0; c < V; ++c) a[j][c] = _mm256_loadu_ps(acc + j * hd + 8 * c);
+    int64_t s = from;
+    for (; s + 2 <= to; s += 2) {
+      for (int j = 0; j < 2; ++j) {
+        const __m256 w = _mm256_set1_ps(p[s + j]);
+        const float* vs = v + (slots ? slots[s + j] : s + j) * hd;
+        for (int c = 0; c < V; ++c) a[j][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), a[j][c]);
+      }
+    }
+    if (s < to) {
+      const __m256 w = _mm256_set1_ps(p[s]);
+      const float* vs = v + (slots ? slots[s] : s) * hd;
+      for (int c = 0; c < V; ++c) a[0][c] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vs + 8 * c), a[0][c]);
+    }
+    for (int j = 0; j < 2; ++j)
+      for (int c = 0; c < V; ++c) _mm256_storeu_ps(acc + j * hd + 8 * c, a[j][c]);
+  }
+
+  void finish(float total, float* o) const {
+    const __m256 inv = _mm256_set1_ps(1.0f / total);
+    for (int c = 0; c < V; ++c) {
+      _mm256_storeu_ps(o + 8 * c, _mm256_mul_ps(_mm256_add_ps(_mm256_loadu_ps(acc + 8 * c), _mm256_loadu_ps(acc + hd + 8 * c)), inv));
+    }
+  }
+};
 
 struct Attention {
   const float* qkv;    // [n, (hq + 2 hk) * hd], rotated
@@ -172,8 +199,15 @@ struct Attention {
   float scale;
   float* out;          // [n, hq * hd]
 
+  // Keys and values shared per L1-sized block by the queries of one task.
+  static constexpr int64_t kKeyBlock = 64;
+
   // Every query row and head: softmax over the row's visible slots (in slot order) of
   // q.k * scale, times v. Rows without a mask see slots 0..start+i, contiguous.
+  // Why tasks of many queries: the heads of a key/value group and the rows of a call all read
+  // the same committed keys and values; read once per block for all of them, they stay in L1
+  // instead of coming from L3 once per row and head (a 4-row tree at 1,000 tokens of context
+  // spent most of its attention time on those reads).
   void run() const {
     std::vector<std::vector<int64_t>> slots(mask ? n : 0);
     for (int64_t i = 0; i < static_cast<int64_t>(slots.size()); ++i) {
@@ -181,22 +215,61 @@ struct Attention {
         if (mask[i * end + j]) slots[i].push_back(j);
       }
     }
-    at::parallel_for(0, n * hq, 1, [&](int64_t b, int64_t e) {
-      std::vector<float> p(end + 8);
+    // Positions every row sees as slots 0..shared-1: the blocks read once for all queries.
+    int64_t shared = start + 1;
+    for (const auto& row : slots) {
+      int64_t j = 0;
+      while (j < static_cast<int64_t>(row.size()) && row[j] == j) ++j;
+      shared = std::min(shared, j);
+    }
+    shared = shared / 2 * 2;  // even: the value pairs stay aligned
+    switch (hd) {
+      case 8: run_heads<1>(slots, shared); break;
+      case 16: run_heads<2>(slots, shared); break;
+      case 32: run_heads<4>(slots, shared); break;
+      case 64: run_heads<8>(slots, shared); break;
+      default: run_heads<16>(slots, shared); break;
+    }
+  }
+
+  // Tasks: each key/value group with half of the rows (all of them for one row).
+  template <int V>
+  void run_heads(const std::vector<std::vector<int64_t>>& slots, int64_t shared) const {
+    const int64_t group = hq / hk, halves = n > 1 ? 2 : 1, rows_per = (n + halves - 1) / halves;
+    at::parallel_for(0, hk * halves, 1, [&](int64_t b, int64_t e) {
       for (int64_t t = b; t < e; ++t) {
-        const int64_t i = t / hq, h = t % hq, g = h / (hq / hk);
-        const int64_t* rows = mask ? slots[i].data() : nullptr;
-        const int64_t count = mask ? static_cast<int64_t>(slots[i].size()) : start + i + 1;
-        const float* q = qkv + i * (hq + 2 * hk) * hd + h * hd;
+        const int64_t g = t / halves, i0 = (t % halves) * rows_per, i1 = std::min(n, i0 + rows_per);
+        if (i0 >= i1) continue;
+        const int64_t count_q = (i1 - i0) * group;
+        std::vector<float> scratch(count_q * ((end + 8) + 2 * 8 * V));
+        std::vector<Query<V>> queries;
+        std::vector<float> totals(count_q);
+        for (int64_t i = i0; i < i1; ++i) {
+          for (int64_t h = g * group; h < (g + 1) * group; ++h) {
+            float* base = scratch.data() + static_cast<int64_t>(queries.size()) * ((end + 8) + 2 * 8 * V);
+            const int64_t count = mask ? static_cast<int64_t>(slots[i].size()) : start + i + 1;
+            queries.push_back({qkv + i * (hq + 2 * hk) * hd + h * hd, base, base + end + 8, count});
+          }
+        }
         const float* k = keys + g * capacity * hd;
         const float* v = values + g * capacity * hd;
-        float* o = out + i * hq * hd + h * hd;
-        switch (hd) {
-          case 8: attend<1>(q, k, v, rows, count, scale, p.data(), o); break;
-          case 16: attend<2>(q, k, v, rows, count, scale, p.data(), o); break;
-          case 32: attend<4>(q, k, v, rows, count, scale, p.data(), o); break;
-          case 64: attend<8>(q, k, v, rows, count, scale, p.data(), o); break;
-          default: attend<16>(q, k, v, rows, count, scale, p.data(), o); break;
+        for (int64_t s = 0; s < shared; s += kKeyBlock) {
+          for (const auto& query : queries) query.score(k, nullptr, s, std::min(shared, s + kKeyBlock), scale);
+        }
+        for (int64_t j = 0; j < count_q; ++j) {
+          const Query<V>& query = queries[j];
+          const int64_t i = i0 + j / group;
+          query.score(k, mask ? slots[i].data() : nullptr, shared, query.count, scale);
+          totals[j] = query.softmax();
+        }
+        for (int64_t s = 0; s < shared; s += kKeyBlock) {
+          for (const auto& query : queries) query.add_values(v, nullptr, s, std::min(shared, s + kKeyBlock));
+        }
+        for (int64_t j = 0; j < count_q; ++j) {
+          const Query<V>& query = queries[j];
+          const int64_t i = i0 + j / group, h = g * group + j % group;
+          query.add_values(v, mask ? slots[i].data() : nullptr, shared, query.count);
+          query.finish(totals[j], out + i * hq * hd + h * hd);
         }
       }
     });
