@@ -44,3 +44,11 @@ def test_cli_bad_input_exits_2(extra, message, monkeypatch, capsys):
     monkeypatch.setattr("specdec.cli.load_runner", lambda args: tiny_runner(3))
     assert main(["costs", "--context", "8", *extra]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_default_shapes_start_with_the_default_tree(tmp_path, monkeypatch):
+    monkeypatch.setattr("specdec.cli.load_runner", lambda args: tiny_runner(3))
+    out = tmp_path / "costs.json"
+    assert main(["costs", "--sizes", "1", "--context", "8", "--repeats", "1", "--head", "random", "--json", str(out)]) == 0
+    shapes = list(json.loads(out.read_text())["propose_ms"])
+    assert shapes[0] == shape_name(TreeConfig()) and len(shapes) == 7

@@ -90,8 +90,13 @@ def costs_parser(sub) -> Callable[[argparse.Namespace], int]:
         help="this machine's cost curve: target forward ms by tree size, proposal ms by tree shape",
         description=__doc__.split("\n\n")[1],
     )
-    p.add_argument("--sizes", default="1,2,4,8,12,16,24,32", help="tree sizes (nodes) of the target forward, comma list")
-    p.add_argument("--shapes", default="4:3:8,6:3:12,6:4:16,6:5:16,8:5:24,10:6:60", help="draft tree shapes K:D:N, comma list")
+    p.add_argument("--sizes", default="1,2,3,4,5,6,8,12,16,24,32", help="tree sizes (nodes) of the target forward, comma list")
+    default = TreeConfig()
+    p.add_argument(
+        "--shapes",
+        default=f"{default.top_k}:{default.depth}:{default.total_tokens},4:3:8,6:3:12,6:4:16,6:5:16,8:5:24,10:6:60",
+        help="draft tree shapes K:D:N, comma list (default: the default tree's first, then larger ones)",
+    )
     p.add_argument("--context", type=int, default=256, help="committed tokens before each measured call")
     p.add_argument("--repeats", type=int, default=9, help="timed calls per point (the median is reported)")
     p.add_argument("--head", default=None, help="draft head directory, or 'random' (default: the shipped FSPAD head)")
