@@ -27,6 +27,12 @@ constexpr int64_t kPrefetchBytes = 4096;
 // Asks for the cache line `kPrefetchBytes` past `p`; call once per 64 bytes read.
 inline void prefetch_ahead(const uint8_t* p) { _mm_prefetch(reinterpret_cast<const char*>(p) + kPrefetchBytes, _MM_HINT_T0); }
 
+// Bytes of one block's weights, and blocks per 64-byte cache line, of a Q4_1 or Q8_0 row.
+template <bool Q4>
+constexpr int64_t kBlockBytes = Q4 ? kBlock / 2 : kBlock;
+template <bool Q4>
+constexpr int64_t kLineBlocks = 64 / kBlockBytes<Q4>;
+
 inline float hsum(__m256 v) {
   __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -67,10 +73,9 @@ void tile(const float* x, int64_t K, const uint8_t* qs, int64_t row_bytes, const
   __m256 acc[NR][MR];
   for (int j = 0; j < NR; ++j)
     for (int r = 0; r < MR; ++r) acc[j][r] = _mm256_setzero_ps();
-  constexpr int64_t block_bytes = Q4 ? kBlock / 2 : kBlock, blocks_per_line = 64 / block_bytes;
   for (int64_t g = 0; g < blocks; ++g) {
-    if (g % blocks_per_line == 0) {
-      for (int j = 0; j < NR; ++j) prefetch_ahead(qs + j * row_bytes + g * block_bytes);
+    if (g % kLineBlocks<Q4> == 0) {
+      for (int j = 0; j < NR; ++j) prefetch_ahead(qs + j * row_bytes + g * kBlockBytes<Q4>);
     }
     for (int j = 0; j < NR; ++j) {
       __m256 w[4];
@@ -272,7 +277,7 @@ void tile_int8(const int8_t* xg, const float* dg, const float* sg, const BlockWe
     const int8_t* xp = xg;
     const float* dp = dg;
     for (int64_t p = 0; p < pairs; ++p, xp += MR * 2 * kBlock, dp += MR * 16) {
-      if (!Q4 || p % 2 == 0) prefetch_ahead(row + p * (Q4 ? kBlock : 2 * kBlock));  // 32 or 64 bytes a pair
+      if (2 * p % kLineBlocks<Q4> == 0) prefetch_ahead(row + 2 * p * kBlockBytes<Q4>);
       __m512i uw;
       __mmask64 negative = 0;
       if constexpr (Q4) {  // 16 bytes per block: [B0 | B1] -> [B0 & 15, B0 >> 4, B1 & 15, B1 >> 4]
@@ -304,7 +309,7 @@ void tile_int8(const int8_t* xg, const float* dg, const float* sg, const BlockWe
     __m256 acc[2][MR];
     for (int r = 0; r < MR; ++r) acc[0][r] = acc[1][r] = _mm256_setzero_ps();
     for (int64_t g = 0; g < blocks; ++g) {
-      if (g % (Q4 ? 4 : 2) == 0) prefetch_ahead(row + g * (Q4 ? kBlock / 2 : kBlock));  // 16 or 32 bytes a block
+      if (g % kLineBlocks<Q4> == 0) prefetch_ahead(row + g * kBlockBytes<Q4>);
       __m256i u, sw;
       weight_bytes<Q4>(row, g, u, sw);
       for (int r = 0; r < MR; ++r) {

@@ -6,6 +6,7 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <memory>
 #include <optional>
 #include <vector>
 
@@ -240,13 +241,15 @@ struct Attention {
       for (int64_t t = b; t < e; ++t) {
         const int64_t g = t / halves, i0 = (t % halves) * rows_per, i1 = std::min(n, i0 + rows_per);
         if (i0 >= i1) continue;
-        const int64_t count_q = (i1 - i0) * group;
-        std::vector<float> scratch(count_q * ((end + 8) + 2 * 8 * V));
+        // Per query: its scores (end rounded up, padded) and its two accumulators; every float is
+        // written before it is read, so the buffer is left uninitialised.
+        const int64_t count_q = (i1 - i0) * group, stride = (end + 8) + 2 * Query<V>::hd;
+        std::unique_ptr<float[]> scratch(new float[count_q * stride]);
         std::vector<Query<V>> queries;
         std::vector<float> totals(count_q);
         for (int64_t i = i0; i < i1; ++i) {
           for (int64_t h = g * group; h < (g + 1) * group; ++h) {
-            float* base = scratch.data() + static_cast<int64_t>(queries.size()) * ((end + 8) + 2 * 8 * V);
+            float* base = scratch.get() + static_cast<int64_t>(queries.size()) * stride;
             const int64_t count = mask ? static_cast<int64_t>(slots[i].size()) : start + i + 1;
             queries.push_back({qkv + i * (hq + 2 * hk) * hd + h * hd, base, base + end + 8, count});
           }
