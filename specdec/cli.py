@@ -9,6 +9,7 @@ from typing import Callable
 
 import torch
 
+from specdec.backoff import BackoffConfig
 from specdec.config import ACTIVATIONS, ConfigError, SamplingParams, StopConfig, TreeConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -55,6 +56,20 @@ def tree_from_args(args: argparse.Namespace) -> TreeConfig:
     return TreeConfig.from_attributes(args)
 
 
+def add_backoff_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backoff-below",
+        type=float,
+        default=BackoffConfig().break_even,
+        help="sampled requests: decode plainly for a while when the last speculative rounds accepted fewer drafts than "
+        "this on average (0 = always speculate; see specdec/backoff.py)",
+    )
+
+
+def backoff_from_args(args: argparse.Namespace) -> BackoffConfig:
+    return BackoffConfig(break_even=args.backoff_below)
+
+
 def load_runner(args: argparse.Namespace):
     from specdec.target import TargetRunner
 
@@ -78,6 +93,7 @@ def _generate_parser(sub) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     add_model_args(p)
     add_tree_args(p)
+    add_backoff_args(p)
     return run_generate
 
 
@@ -87,10 +103,10 @@ def run_generate(args: argparse.Namespace) -> int:
 
     sampling = SamplingParams(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k_sampling, seed=args.seed)
     stop = StopConfig(max_new_tokens=args.max_new_tokens, stop_strings=tuple(args.stop))
-    tree = tree_from_args(args)
+    tree, backoff = tree_from_args(args), backoff_from_args(args)
     runner = load_runner(args)
     drafter = load_head_drafter(runner, args.head, tree) if args.mode == "spec" else None
-    gen = Generation(runner, runner.encode(args.prompt, args.chat), sampling, stop, drafter)
+    gen = Generation(runner, runner.encode(args.prompt, args.chat), sampling, stop, drafter, backoff=backoff)
     finish = None
     for chunk in gen:
         finish = chunk.finish_reason
@@ -109,6 +125,7 @@ def run_generate(args: argparse.Namespace) -> int:
                     "target_forwards": s.target_forwards,
                     "tau": s.tau,
                     "accepted_per_round": s.accepted_per_round,
+                    "paused_rounds": s.paused_rounds,
                     "seconds": s.seconds,
                     "ttft": s.ttft,
                     "tokens_per_s": s.tokens_per_s,

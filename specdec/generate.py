@@ -4,6 +4,7 @@ Each round verifies a tree with one target forward: a root-only tree without a d
 decoding), the drafter's proposal with one. Tokens are yielded as soon as a round commits them.
 If the drafter becomes unavailable the loop continues with root-only trees (same output) and
 retries the drafter every `retry_rounds` rounds, reopening its session from the full history.
+With a back-off (`specdec.backoff`), rounds are plain while the drafts are rarely accepted.
 With a prefix cache, a prompt's longest cached prefix is restored instead of prefilled, and the
 finished sequence is stored for the next prompt that starts with it (`specdec.prefix_cache`).
 """
@@ -16,6 +17,7 @@ from typing import Iterator, Sequence
 
 import torch
 
+from specdec.backoff import BackoffConfig, SpeculationBackoff
 from specdec.config import ConfigError, SamplingParams, StopConfig
 from specdec.drafter import Drafter, DrafterUnavailable, DraftSession
 from specdec.prefix_cache import PrefixCache
@@ -46,6 +48,7 @@ class GenerationStats:
     accepted_per_round: list[int] = field(default_factory=list)
     draft_tokens: int = 0
     fallback_rounds: int = 0
+    paused_rounds: int = 0  # plain rounds chosen by the back-off while the drafter was there
     drafter_failures: int = 0
     seconds: float = 0.0
     ttft: float = 0.0
@@ -115,6 +118,7 @@ class Generation:
         drafter: Drafter | None = None,
         retry_rounds: int = 8,
         prefix_cache: PrefixCache | None = None,
+        backoff: BackoffConfig = BackoffConfig(),
     ):
         if not prompt_ids:
             raise ConfigError("the prompt is empty")
@@ -123,7 +127,7 @@ class Generation:
                 f"the prompt has {len(prompt_ids)} tokens; this model's context is {runner.max_length} tokens"
             )
         self.runner, self.prompt_ids, self.sampling, self.stop = runner, list(prompt_ids), sampling, stop
-        self.drafter, self.retry_rounds, self.prefix_cache = drafter, retry_rounds, prefix_cache
+        self.drafter, self.retry_rounds, self.prefix_cache, self.backoff = drafter, retry_rounds, prefix_cache, backoff
         self.eos = set(stop.eos_token_ids or runner.eos_token_ids)
         self.stats = GenerationStats(prompt_tokens=len(prompt_ids))
         self.token_ids: list[int] = []
@@ -146,6 +150,7 @@ class Generation:
             yield Chunk([], "", "length")
             return
         gen = make_generator(self.sampling.seed)
+        backoff = SpeculationBackoff(self.backoff, self.sampling.greedy)
         # Target features of every committed token but the root, in pieces (concatenated only
         # when a drafter session must be reopened, not copied every round).
         history: list[torch.Tensor] = []
@@ -172,11 +177,13 @@ class Generation:
                 if session is None and retry_at is not None and round_no >= retry_at:
                     session = self._open(self.prompt_ids + self.token_ids, history)
                     retry_at = None if session else round_no + self.retry_rounds
-                tree = DraftTree.single(root)
-                if session is not None and state.length + self._budget() < runner.max_length:
+                tree, drafted = DraftTree.single(root), False
+                if session is not None and not backoff.drafting(round_no):
+                    stats.paused_rounds += 1
+                elif session is not None and state.length + self._budget() < runner.max_length:
                     began = time.perf_counter()
                     try:
-                        tree = session.propose()
+                        tree, drafted = session.propose(), True
                     except DrafterUnavailable:
                         session, retry_at = None, round_no + self.retry_rounds
                         stats.drafter_failures += 1
@@ -192,6 +199,8 @@ class Generation:
                 else:
                     acc = verify_sampling(tree.tokens, tree.parents, warp_probs(logits, self.sampling), gen)
                 runner.commit(state, acc.path)
+                if drafted:
+                    backoff.record(round_no, acc.num_accepted)
                 new = [tree.tokens[i] for i in acc.path[1:]] + [acc.bonus_token]
                 if len(tree) > 1:
                     stats.accepted_per_round.append(acc.num_accepted)

@@ -272,6 +272,7 @@ def _speculation(gens: list[Generation]) -> dict:
         "draft_tokens": sum(g.stats.draft_tokens for g in gens),
         "accepted_tokens": sum(sum(g.stats.accepted_per_round) for g in gens),
         "fallback_rounds": sum(g.stats.fallback_rounds for g in gens),
+        "paused_rounds": sum(g.stats.paused_rounds for g in gens),
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
     }

@@ -7,6 +7,7 @@ import logging
 from dataclasses import dataclass
 from typing import Sequence
 
+from specdec.backoff import BackoffConfig
 from specdec.cli import DTYPES
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import Drafter, load_head_drafter
@@ -27,10 +28,12 @@ class Engine:
     model_name: str
     retry_rounds: int = 8
     prefix_cache: PrefixCache | None = None
+    backoff: BackoffConfig = BackoffConfig()
 
     def generation(self, prompt_ids: Sequence[int], sampling: SamplingParams, stop: StopConfig) -> Generation:
         return Generation(
-            self.runner, prompt_ids, sampling, stop, self.drafter, retry_rounds=self.retry_rounds, prefix_cache=self.prefix_cache
+            self.runner, prompt_ids, sampling, stop, self.drafter, retry_rounds=self.retry_rounds, prefix_cache=self.prefix_cache,
+            backoff=self.backoff,
         )
 
     def drafter_state(self) -> str:
@@ -54,11 +57,11 @@ def build_engine(settings) -> Engine:
     name = settings.served_model_name or runner.name
     cache = PrefixCache(settings.prefix_cache_tokens) if settings.prefix_cache_tokens else None
     if settings.drafter == "none":
-        return Engine(runner, None, "none", name, settings.drafter_retry_rounds, cache)
+        return Engine(runner, None, "none", name, settings.drafter_retry_rounds, cache, settings.backoff())
     if settings.drafter == "embedded":
         drafter = load_head_drafter(runner, settings.head, settings.tree())
         log.info("embedded drafter: head %s, %s", settings.head or "default", settings.tree())
-        return Engine(runner, drafter, "embedded", name, settings.drafter_retry_rounds, cache)
+        return Engine(runner, drafter, "embedded", name, settings.drafter_retry_rounds, cache, settings.backoff())
     from services.verifier.remote_drafter import RemoteDrafter
 
     remote = RemoteDrafter(
@@ -69,4 +72,4 @@ def build_engine(settings) -> Engine:
         max_tree_tokens=settings.max_tree_tokens,
     )
     log.info("remote drafter at %s (%s)", settings.drafter, "reachable" if remote.reachable() else "not reachable yet")
-    return Engine(runner, remote, "remote", name, settings.drafter_retry_rounds, cache)
+    return Engine(runner, remote, "remote", name, settings.drafter_retry_rounds, cache, settings.backoff())

@@ -29,6 +29,7 @@ class Metrics:
             "specdec_accepted_by_depth", "rounds that accepted a draft token at this tree depth", ["depth"], registry=r
         )
         self.fallbacks = Counter("specdec_fallback_rounds", "rounds decoded without the drafter while one is configured", registry=r)
+        self.paused = Counter("specdec_paused_rounds", "plain rounds chosen by the speculation back-off", registry=r)
         self.drafter_failures = Counter("specdec_drafter_failures", "drafter calls that failed or passed their deadline", registry=r)
         self.queue_depth = Gauge("specdec_queue_depth", "requests waiting for a generation slot", registry=r)
         self.running = Gauge("specdec_running", "generations running", registry=r)
@@ -44,6 +45,7 @@ class Metrics:
         for depth, rounds in enumerate(stats.accepted_by_depth(), start=1):
             self.accepted_by_depth.labels(depth=str(depth)).inc(rounds)
         self.fallbacks.inc(stats.fallback_rounds)
+        self.paused.inc(stats.paused_rounds)
         self.drafter_failures.inc(stats.drafter_failures)
 
     def render(self) -> bytes:

@@ -9,9 +9,11 @@ from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.settings import parse_or_exit
+from specdec.backoff import BackoffConfig
 from specdec.config import DEFAULT_PREFIX_CACHE_TOKENS, TreeConfig
 
 _TREE = TreeConfig()
+_BACKOFF = BackoffConfig()
 
 
 class VerifierSettings(BaseSettings):
@@ -54,6 +56,12 @@ class VerifierSettings(BaseSettings):
     )
     drafter_timeout: float = Field(2.0, gt=0, description="remote drafter: deadline of one call, seconds")
     drafter_retry_rounds: int = Field(8, ge=1, description="rounds of plain decoding before retrying a failed drafter")
+    backoff_below: float = Field(
+        _BACKOFF.break_even,
+        ge=0.0,
+        description="sampled requests: decode plainly for a while when the last speculative rounds accepted fewer drafts "
+        "than this on average (0 = always speculate)",
+    )
     feature_dtype: Literal["float16", "bfloat16", "float32"] = Field(
         "float16", description="remote drafter: dtype of the features on the wire"
     )
@@ -65,6 +73,9 @@ class VerifierSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens generate at most this")
     grace_seconds: float = Field(25.0, ge=0, description="on SIGTERM, time given to requests in flight before they are cut")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    def backoff(self) -> BackoffConfig:
+        return BackoffConfig(break_even=self.backoff_below)
 
     def tree(self) -> TreeConfig:
         return TreeConfig.from_attributes(self)

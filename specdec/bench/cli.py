@@ -15,7 +15,7 @@ HEAD_ALONE = "head"  # the --peers name of our speculative path without lookup d
 
 
 def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
-    from specdec.cli import add_model_args, add_tree_args
+    from specdec.cli import add_backoff_args, add_model_args, add_tree_args
 
     p = sub.add_parser(
         "bench",
@@ -50,6 +50,7 @@ def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and PNG plots here")
     add_model_args(p)
     add_tree_args(p)
+    add_backoff_args(p)
     return run_bench_command
 
 
@@ -74,7 +75,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
     if args.prefix_cache_tokens < 0:
         raise ConfigError(f"--prefix-cache-tokens must be >= 0, got {args.prefix_cache_tokens}")
     config = BenchConfig(
-        args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie, args.prefix_cache_tokens
+        args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie, args.prefix_cache_tokens,
+        cli.backoff_from_args(args),
     )
     tree = cli.tree_from_args(args)
     peer_names = list(dict.fromkeys(n.strip() for n in args.peers.split(",") if n.strip()))

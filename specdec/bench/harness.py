@@ -19,6 +19,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from tqdm import tqdm
 
+from specdec.backoff import BackoffConfig
 from specdec.bench.peers import Peer
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import Drafter
@@ -40,6 +41,7 @@ class BenchConfig:
     warmup_tokens: int = 16
     near_tie: float = 1e-4
     prefix_cache_tokens: int = 0  # per path; 0 = every prompt is prefilled whole
+    backoff: BackoffConfig = BackoffConfig()  # of every path with a drafter
 
     @property
     def greedy(self) -> bool:
@@ -68,6 +70,7 @@ class PathRun:
     accepted_per_round: list[int] = field(default_factory=list)
     draft_tokens: int = 0
     fallback_rounds: int = 0
+    paused_rounds: int = 0
     draft_seconds: float = 0.0
     verify_seconds: float = 0.0
     divergence: Divergence | None = None
@@ -168,14 +171,15 @@ def _paths(
         def run(prompt: list[int], max_new_tokens: int, seed: int) -> PathRun:
             sampling = SamplingParams(temperature=config.temperature, seed=seed)
             gen = Generation(
-                runner, prompt, sampling, StopConfig(max_new_tokens=max_new_tokens), with_drafter, prefix_cache=cache
+                runner, prompt, sampling, StopConfig(max_new_tokens=max_new_tokens), with_drafter, prefix_cache=cache,
+                backoff=config.backoff,
             )
             for _ in gen:
                 pass
             s = gen.stats
             return PathRun(
                 list(gen.token_ids), s.seconds, s.target_forwards, list(s.accepted_per_round), s.draft_tokens, s.fallback_rounds,
-                s.draft_seconds, s.verify_seconds, cached_prompt_tokens=s.cached_prompt_tokens, ttft=s.ttft,
+                s.paused_rounds, s.draft_seconds, s.verify_seconds, cached_prompt_tokens=s.cached_prompt_tokens, ttft=s.ttft,
             )
 
         return run

@@ -46,7 +46,8 @@ def _markdown(result: dict) -> str:
         "## Acceptance",
         "",
         f"{o['rounds']} speculative rounds, {o['mean_accepted']:.2f} draft tokens accepted per round, "
-        f"{o['draft_tokens_per_round']:.1f} drafted per round, {o['fallback_rounds']} rounds without the drafter.",
+        f"{o['draft_tokens_per_round']:.1f} drafted per round, {o['fallback_rounds']} rounds without the drafter, "
+        f"{o['paused_rounds']} plain rounds chosen by the back-off.",
         f"Time per round: drafting {o['spec_draft_ms_per_round']:.1f} ms + tree forward {o['spec_verify_ms_per_round']:.1f} ms "
         f"(speculative), against a plain forward of {o['ar_forward_ms_per_round']:.1f} ms.",
         f"Prompts: {o['prompt_tokens']} tokens; restored from each path's own prefix cache: {o['ar_cached_prompt_tokens']} (AR), "

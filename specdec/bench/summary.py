@@ -70,6 +70,7 @@ def block(records: Sequence[TurnRecord], greedy: bool) -> dict:
         "mean_accepted": _ratio(sum(rounds), len(rounds)),
         "draft_tokens_per_round": _ratio(sum(s.draft_tokens for s in spec), len(rounds)),
         "fallback_rounds": sum(s.fallback_rounds for s in spec),
+        "paused_rounds": sum(s.paused_rounds for s in spec),  # plain rounds chosen by the back-off
         # Where time goes per decode round (every target forward after the prefill): the
         # drafter's proposal and the tree forward; for the plain path, its one-node forward.
         "spec_draft_ms_per_round": _ratio(1000 * sum(s.draft_seconds for s in spec), _rounds(spec)),
