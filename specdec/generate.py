@@ -191,13 +191,16 @@ class Generation:
                 if session is None and self.drafter is not None:
                     stats.fallback_rounds += 1
                 began = time.perf_counter()
-                logits, hidden = runner.forward_tree(state, tree)
-                stats.verify_seconds += time.perf_counter() - began
-                stats.target_forwards += 1
                 if self.sampling.greedy:
-                    acc = verify_greedy(tree.tokens, tree.parents, logits.argmax(-1).tolist())
+                    _, hidden = runner.forward_tree(state, tree, logits=False)
+                    target_argmax = runner.greedy_tokens(hidden)
+                    stats.verify_seconds += time.perf_counter() - began
+                    acc = verify_greedy(tree.tokens, tree.parents, target_argmax)
                 else:
+                    logits, hidden = runner.forward_tree(state, tree)
+                    stats.verify_seconds += time.perf_counter() - began
                     acc = verify_sampling(tree.tokens, tree.parents, warp_probs(logits, self.sampling), gen)
+                stats.target_forwards += 1
                 runner.commit(state, acc.path)
                 if drafted:
                     backoff.record(round_no, acc.num_accepted)

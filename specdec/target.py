@@ -20,7 +20,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from specdec.config import ACTIVATIONS, ConfigError
-from specdec.gguf_linear import kernel, read_gguf_weights
+from specdec.gguf_linear import GGUFLinear, kernel, read_gguf_weights
 from specdec.llama import KVCache, LeanLlama
 from specdec.tree import DraftTree, tree_attention_mask
 
@@ -197,11 +197,12 @@ class TargetRunner:
         return hidden, self.lean.lm_head(hidden[-1])
 
     @torch.inference_mode()
-    def forward_tree(self, state: SequenceState, tree: DraftTree) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward_tree(self, state: SequenceState, tree: DraftTree, logits: bool = True) -> tuple[torch.Tensor | None, torch.Tensor]:
         """Run all tree nodes in one forward (positions = length + depth, mask = ancestors).
 
         Returns (logits [n, V], features [n, d]); row i belongs to the token after node i.
-        The nodes' KV entries stay provisional until `commit`.
+        With logits=False the LM head is skipped and the logits are None (greedy decoding asks
+        `greedy_tokens` for the argmax instead). The nodes' KV entries stay provisional until `commit`.
         """
         if state.pending:
             raise RuntimeError("commit the previous tree before verifying another")
@@ -211,7 +212,16 @@ class TargetRunner:
         mask = None if n == 1 else tree_attention_mask(tree.parents, past, self.device)
         hidden = self.lean(ids, positions, state.cache, past, mask)
         state.pending = n
-        return self.lean.lm_head(hidden), hidden
+        return (self.lean.lm_head(hidden) if logits else None), hidden
+
+    @torch.inference_mode()
+    def greedy_tokens(self, features: torch.Tensor) -> list[int]:
+        """The argmax of each row of the logits of `features` (forward_tree's second output),
+        exactly as from forward_tree's logits; about half the LM head's cost on a GGUF's Q8_0
+        head (`GGUFLinear.argmax`)."""
+        head = self.lean.lm_head
+        ids = head.argmax(features) if isinstance(head, GGUFLinear) else head(features).argmax(-1)
+        return ids.tolist()
 
     @torch.inference_mode()
     def commit(self, state: SequenceState, path: Sequence[int]) -> None:

@@ -108,6 +108,58 @@ def test_the_avx2_build_gives_the_vnni_builds_int8_products_bit_for_bit():
                 assert torch.equal(avx2.gguf_matmul(*args), vnni.gguf_matmul(*args))
 
 
+def near_copies(n: int, k: int, seed: int) -> QuantWeight:
+    """A Q8_0 weight whose rows are row 0 with one weight nudged one step toward zero (logits a
+    hair apart, below row 0's for x = row 0), and a few exact copies of row 0 (tied logits)."""
+    quant = random_quant(n, k, False, seed)
+    qs, d = quant.qs.clone(), quant.d.clone()
+    gen = torch.Generator().manual_seed(seed)
+    for row in range(1, n):
+        qs[row], d[row] = qs[0], d[0]
+        if row % 7:
+            col = int(torch.randint(0, k, (1,), generator=gen))
+            v = int(qs[row, col].view(torch.int8))
+            qs[row, col] = (v - (v > 0) + (v < 0)) % 256
+    return QuantWeight(qs.contiguous(), d.contiguous(), torch.empty(0), False)
+
+
+@pytest.mark.parametrize("k", [96, 576])
+@pytest.mark.parametrize("rows", [1, 3, 6, 16])
+@pytest.mark.parametrize("weights", ["random", "near copies"])
+def test_screened_greedy_tokens_are_the_float32_products_argmax(k, rows, weights):
+    """GGUFLinear.argmax (int8 screen, float32 recompute) gives exactly the full product's argmax,
+    the lowest index among tied rows included, on both builds."""
+    quant = random_quant(1000, k, False, seed=k + rows) if weights == "random" else near_copies(200, k, seed=k + rows)
+    layer = GGUFLinear(quant, PackedLinear(quant.dequantize()), max_rows=16)
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, k, generator=gen)
+    if weights == "near copies":
+        x[0] = quant.dequantize()[0]  # row 0 of x: every copy of W's row 0 ties for the maximum
+    with torch.inference_mode():
+        expected = layer(x).argmax(-1)
+        assert torch.equal(layer.argmax(x), expected)
+        for build in (build_kernel(False), build_kernel(True)):
+            if build is not None:
+                found = build.gguf_argmax(x.contiguous(), quant.qs, quant.d, quant.m, False, layer._wnorm)
+                assert torch.equal(found, expected)
+    if weights == "near copies":
+        assert int(expected[0]) == 0
+
+
+def test_greedy_tokens_fall_back_to_the_full_product_where_they_cannot_screen():
+    """A non-finite input, 4-bit weights and int8 activations take the full product's argmax."""
+    q8 = random_quant(300, 96, False, seed=5)
+    x = torch.randn(3, 96)
+    x[1, 4] = float("inf")
+    with torch.inference_mode():
+        for layer in (
+            GGUFLinear(q8, PackedLinear(q8.dequantize())),
+            GGUFLinear(q8, PackedLinear(q8.dequantize()), int8_activations=True),
+            GGUFLinear(random_quant(300, 96, True, seed=5), PackedLinear(random_quant(300, 96, True, seed=5).dequantize())),
+        ):
+            assert torch.equal(layer.argmax(x), layer(x).argmax(-1))
+
+
 def test_decoding_follows_ggml_nibble_order_and_formulas():
     qs = torch.zeros(1, 16, dtype=torch.uint8)
     qs[0, 0] = 0x3 | (0xA << 4)  # element 0 is the low nibble, element 16 the high one

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from specdec.backoff import BackoffConfig
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import Drafter
 from specdec.generate import Generation
@@ -27,7 +28,11 @@ def answer_question(
     for t, text in enumerate(question.turns):
         messages.append({"role": "user", "content": text})
         sampling = SamplingParams(temperature=temperature, seed=seed + t)
-        gen = Generation(runner, runner.encode_messages(messages), sampling, StopConfig(max_new_tokens=max_new_tokens), drafter)
+        # Every round speculates (no back-off): this measures the head, not a request's speed.
+        gen = Generation(
+            runner, runner.encode_messages(messages), sampling, StopConfig(max_new_tokens=max_new_tokens), drafter,
+            backoff=BackoffConfig(break_even=0.0),
+        )
         for _ in gen:
             pass
         messages.append({"role": "assistant", "content": gen.text})
