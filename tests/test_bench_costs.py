@@ -25,7 +25,8 @@ def test_cli_measures_every_size_and_shape(tmp_path, monkeypatch, capsys):
     argv = ["costs", "--sizes", "4,1,2", "--shapes", "2:2:4,3:3:8", "--context", "12", "--repeats", "2", "--head", "random", "--json", str(out)]
     assert main(argv) == 0
     result = json.loads(out.read_text())
-    assert list(result["forward_ms"]) == ["1", "2", "4"] and all(v > 0 for v in result["forward_ms"].values())
+    for series in ("forward_ms", "forward_logits_ms"):
+        assert list(result[series]) == ["1", "2", "4"] and all(v > 0 for v in result[series].values())
     assert list(result["propose_ms"]) == ["k2-d2-n4", "k3-d3-n8"] and all(v > 0 for v in result["propose_ms"].values())
     assert result["config"]["context"] == 12 and "cpu" in result["machine"]
     assert "| 4 |" in capsys.readouterr().out

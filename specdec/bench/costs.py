@@ -35,17 +35,21 @@ def _median_ms(run: Callable[[], object], repeats: int) -> float:
     return round(statistics.median(times) * 1e3, 2)
 
 
-def forward_costs(runner: TargetRunner, sizes: Sequence[int], context: int, repeats: int) -> dict[int, float]:
+def forward_costs(runner: TargetRunner, sizes: Sequence[int], context: int, repeats: int, greedy: bool) -> dict[int, float]:
     """Median ms of one target forward over a tree of n nodes (a chain: the mask differs, the
-    work does not), after a prefill of `context` tokens; the tree is dropped after each run."""
+    work does not), after a prefill of `context` tokens; the tree is dropped after each run.
+    greedy: the forward plus the greedy tokens of every row (what a greedy round pays), else the
+    forward with every row's logits (what a sampled round pays)."""
     state = runner.new_state(context + max(sizes) + 8)
     runner.prefill(state, [(7 * i) % runner.vocab_size for i in range(context)])
     out = {}
-    for n in tqdm(sizes, desc="target forward", unit="size"):
+    for n in tqdm(sizes, desc="target forward" + (" (greedy)" if greedy else " (logits)"), unit="size"):
         tree = DraftTree(tokens=[(11 * i + 5) % runner.vocab_size for i in range(n)], parents=[-1] + list(range(n - 1)))
 
         def verify() -> None:
-            runner.forward_tree(state, tree)
+            _, features = runner.forward_tree(state, tree, logits=not greedy)
+            if greedy:
+                runner.greedy_tokens(features)
             runner.commit(state, [])  # keep nothing: the context length stays fixed across repeats
 
         out[n] = _median_ms(verify, repeats)
@@ -87,7 +91,7 @@ def costs_parser(sub) -> Callable[[argparse.Namespace], int]:
 
     p = sub.add_parser(
         "costs",
-        help="this machine's cost curve: target forward ms by tree size, proposal ms by tree shape",
+        help="this machine's cost curve: target forward ms by tree size (greedy and sampled), proposal ms by tree shape",
         description=__doc__.split("\n\n")[1],
     )
     p.add_argument("--sizes", default="1,2,3,4,5,6,8,12,16,24,32", help="tree sizes (nodes) of the target forward, comma list")
@@ -124,17 +128,19 @@ def run_costs(args: argparse.Namespace) -> int:
         raise ConfigError(f"--context plus the largest size exceeds the model's {runner.max_length} positions")
     drafter = load_head_drafter(runner, args.head, shapes[0] if shapes else TreeConfig())
     with torch.inference_mode():
-        forward = forward_costs(runner, sizes, args.context, args.repeats)
+        forward = forward_costs(runner, sizes, args.context, args.repeats, greedy=True)
+        with_logits = forward_costs(runner, sizes, args.context, args.repeats, greedy=False)
         propose = propose_costs(runner, drafter, shapes, args.context, args.repeats)
     result = {
-        "forward_ms": forward,
+        "forward_ms": forward,  # greedy rounds: forward + greedy tokens
+        "forward_logits_ms": with_logits,  # sampled rounds: forward + every row's logits
         "propose_ms": propose,
         "config": {"context": args.context, "repeats": args.repeats, "head": args.head or "default", "model": runner.name},
         "machine": machine_info(runner),
     }
-    print(f"| tree nodes | target forward ms | x {sizes[0]}-node forward |\n|---|---|---|")
+    print(f"| tree nodes | greedy forward ms | x {sizes[0]}-node | with logits (sampling) ms | x {sizes[0]}-node |\n|---|---|---|---|---|")
     for n, ms in forward.items():
-        print(f"| {n} | {ms:.1f} | {ms / forward[sizes[0]]:.2f} |")
+        print(f"| {n} | {ms:.1f} | {ms / forward[sizes[0]]:.2f} | {with_logits[n]:.1f} | {with_logits[n] / with_logits[sizes[0]]:.2f} |")
     if propose:
         print("\n| draft shape | proposal ms |\n|---|---|")
         for name, ms in propose.items():
