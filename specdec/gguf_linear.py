@@ -206,9 +206,10 @@ class GGUFLinear(nn.Module):
         q = self.quant
         if q.q4 or self.int8_activations or self.bias is not None or rows > self.max_rows or x.dtype != torch.float32 or x.device.type != "cpu":
             return self(x).argmax(-1)
-        if self._wnorm is None:
-            w = q.qs.view(torch.int8).double().view(q.qs.shape[0], -1, BLOCK) * q.d.double()[..., None]
-            self._wnorm = (w.flatten(1).norm(dim=1) * (1 + 1e-6)).float()
+        if self._wnorm is None:  # norms of the decoded rows, in slices (the whole head in float64 is 200 MB)
+            n = q.qs.shape[0]
+            norms = [QuantWeight(q.qs[s : s + 4096], q.d[s : s + 4096], q.m, False).dequantize().double().norm(dim=1) for s in range(0, n, 4096)]
+            self._wnorm = (torch.cat(norms) * (1 + 1e-6)).float()
         best = self.kernel.gguf_argmax(x.reshape(rows, x.shape[-1]).contiguous(), q.qs, q.d, q.m, q.q4, self._wnorm)
         if bool((best < 0).any()):
             return self(x).argmax(-1)

@@ -40,6 +40,12 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
+inline float hmax(__m256 v) {
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  return _mm_cvtss_f32(_mm_max_ss(m, _mm_movehdup_ps(m)));
+}
+
 // The 32 weights of block `g` of a Q4_1 row as four vectors: byte j holds element j in its low
 // nibble and element j + 16 in its high nibble (ggml's layout).
 inline void decode_q4_1(const uint8_t* qs, float d, float m, __m256 w[4]) {
@@ -205,10 +211,7 @@ inline QuantRows quantize_rows(const float* x, int64_t M, int64_t K) {
         v[i] = _mm256_loadu_ps(xb + 8 * i);
         amax = _mm256_max_ps(amax, _mm256_and_ps(v[i], abs_mask));
       }
-      __m128 m = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
-      m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-      m = _mm_max_ss(m, _mm_movehdup_ps(m));
-      const float d = _mm_cvtss_f32(m) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      const float d = hmax(amax) / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
       const __m256 vinv = _mm256_set1_ps(inv);
       __m256i q[4], sum = _mm256_setzero_si256();
       for (int i = 0; i < 4; ++i) {  // round half to even, as std::nearbyint
@@ -350,11 +353,10 @@ void tile_int8_group(int64_t rows, const int8_t* xg, const float* dg, const floa
   }
 }
 
-// y [M, N] ~= x [M, K] @ W.T with x quantized as above: rows of W split across threads, then
-// taken 64 at a time (in cache) against each group of rows of x.
-inline void block_matmul_int8(const float* x, int64_t M, const BlockWeight& w, float* y) {
-  const QuantRows xq = quantize_rows(x, M, w.K);
-  const int64_t blocks = w.K / kBlock;
+// y [M, N] ~= x [M, K] @ W.T with x quantized as above (xq = quantize_rows(x, M, K)): rows of W
+// split across threads, then taken 64 at a time (in cache) against each group of rows of x.
+inline void block_matmul_int8(const QuantRows& xq, const BlockWeight& w, float* y) {
+  const int64_t M = xq.M, blocks = xq.blocks;
   at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
     for (int64_t nb = n0; nb < n1; nb += 64) {
       const int64_t ne = std::min(n1, nb + 64);
@@ -370,6 +372,10 @@ inline void block_matmul_int8(const float* x, int64_t M, const BlockWeight& w, f
       }
     }
   });
+}
+
+inline void block_matmul_int8(const float* x, int64_t M, const BlockWeight& w, float* y) {
+  block_matmul_int8(quantize_rows(x, M, w.K), w, y);
 }
 
 // Either product: int8 activations (above) or float32 ones (block_matmul).

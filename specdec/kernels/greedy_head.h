@@ -27,22 +27,22 @@ namespace specdec {
 inline std::vector<int64_t> block_argmax(const float* x, int64_t M, const BlockWeight& w, const float* wnorm) {
   TORCH_CHECK(!w.q4, "greedy screening is built for Q8_0 weights");
   const int64_t K = w.K, N = w.N, blocks = K / kBlock;
+  const QuantRows xq = quantize_rows(x, M, K);
   std::vector<float> approx(M * N);
-  block_matmul_int8(x, M, w, approx.data());
+  block_matmul_int8(xq, w, approx.data());
   const float slack = 4.0f * static_cast<float>(K) * 0x1p-24f;
   std::vector<int64_t> best(M, -1);
   for (int64_t r = 0; r < M; ++r) {
     const float* xr = x + r * K;
-    // |x| and |e| of this row, e as quantize_rows rounds x (d = max|x| / 127, q = nearbyint(x / d)).
+    // |x| and |e| of this row, e = x - dx*xq as the int8 product saw it.
     double xx = 0.0, ee = 0.0;
     for (int64_t g = 0; g < blocks; ++g) {
-      float amax = 0.0f;
-      for (int64_t i = 0; i < kBlock; ++i) amax = std::max(amax, std::fabs(xr[g * kBlock + i]));
-      const float d = amax / 127.0f, inv = d > 0.0f ? 1.0f / d : 0.0f;
+      const int64_t at = xq.slot(r, g);
+      const int8_t* q = xq.q.data() + at * kBlock;
+      const double d = xq.d8[8 * at];
       for (int64_t i = 0; i < kBlock; ++i) {
-        const float v = xr[g * kBlock + i];
-        const double e = static_cast<double>(v) - static_cast<double>(std::nearbyint(v * inv)) * d;
-        xx += static_cast<double>(v) * v;
+        const double v = xr[g * kBlock + i], e = v - q[i] * d;
+        xx += v * v;
         ee += e * e;
       }
     }
@@ -54,9 +54,7 @@ inline std::vector<int64_t> block_argmax(const float* x, int64_t M, const BlockW
     __m256 vfloor = _mm256_set1_ps(-INFINITY);
     int64_t n = 0;
     for (; n + 8 <= N; n += 8) vfloor = _mm256_max_ps(vfloor, _mm256_fnmadd_ps(_mm256_loadu_ps(wnorm + n), vm, _mm256_loadu_ps(a + n)));
-    __m128 f4 = _mm_max_ps(_mm256_castps256_ps128(vfloor), _mm256_extractf128_ps(vfloor, 1));
-    f4 = _mm_max_ps(f4, _mm_movehl_ps(f4, f4));
-    float floor = _mm_cvtss_f32(_mm_max_ss(f4, _mm_movehdup_ps(f4)));
+    float floor = hmax(vfloor);
     for (; n < N; ++n) floor = std::max(floor, a[n] - wnorm[n] * margin_x);
     // ... then, in row order, every row whose upper bound a + B reaches it, computed exactly.
     float top = -INFINITY;
