@@ -78,7 +78,7 @@ def test_every_path_decodes_the_same_prompt_with_the_ar_answer_as_context():
     first, second = records[0], records[1]
     ar_text = runner.tokenizer.encode(runner.tokenizer.decode(first.runs[AR].token_ids))
     expected = [USER, *runner.tokenizer.encode("DescribeAnIsland"), ASSISTANT, *ar_text, USER, *runner.tokenizer.encode("NowShorter"), PROMPT_END]
-    assert second.prompt_tokens == len(expected)
+    assert all(run.prompt_tokens == len(expected) for run in second.runs.values())
     assert all(run.token_ids == first.runs[AR].token_ids for run in first.runs.values())
     assert first.runs[SPEC].draft_tokens > 0 and first.runs[AR].draft_tokens == 0
 
@@ -95,12 +95,44 @@ def test_each_path_reuses_its_own_earlier_turns_with_a_prefix_cache():
     assert overall["greedy_mismatches"] == 0 and overall["near_tie_mismatches"] == 0
     assert overall["ar_cached_prompt_tokens"] == sum(r.runs[AR].cached_prompt_tokens for r in records)
     assert overall["spec_cached_prompt_tokens"] == sum(r.runs[SPEC].cached_prompt_tokens for r in records)
-    assert overall["prompt_tokens"] == sum(r.prompt_tokens for r in records)
+    assert overall["prompt_tokens"] == overall["spec_prompt_tokens"] == sum(r.runs[AR].prompt_tokens for r in records)
     assert overall["ar_mean_ttft_ms"] == round(1000 * sum(r.runs[AR].ttft for r in records) / len(records), 4)
     assert 0 < overall["spec_mean_ttft_ms"] and all(0 < r.runs[SPEC].ttft <= r.runs[SPEC].seconds for r in records)
     uncached = bench(runner, OracleDrafter(runner, width=2, depth=3))[0]
     assert [r.runs[AR].token_ids for r in uncached] == [r.runs[AR].token_ids for r in records]
     assert all(run.cached_prompt_tokens == 0 for r in uncached for run in r.runs.values())
+
+
+class AssistantCharTokenizer(ChatCharTokenizer):
+    """Every id round-trips through text (chr(65 + id)), and a generation prompt opens the
+    assistant message as the message itself does (as real chat templates do): a conversation's
+    next prompt extends the last one's prompt and answer."""
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return "".join(chr(65 + i) for i in ids)
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=True):
+        ids = super().apply_chat_template(messages, False, tokenize)
+        return ids + [ASSISTANT] if add_generation_prompt else ids
+
+
+def test_sampled_paths_continue_their_own_conversations_and_restore_them():
+    runner = chat_runner(4)
+    runner.tokenizer = AssistantCharTokenizer()
+    records, result = bench(runner, tiny_drafter(runner), make_peers(runner, ["hf"]), temperature=1.0, prefix_cache_tokens=1000)
+    first, second = records[0], records[1]
+    assert first.runs[AR].token_ids != first.runs[SPEC].token_ids  # two conversations (seeded: always)
+    opening = [USER, *runner.tokenizer.encode("DescribeAnIsland"), ASSISTANT]
+    for name in (AR, SPEC):
+        answer = first.runs[name].token_ids
+        assert second.runs[name].prompt_tokens == len(opening) + len(answer) + 1 + len("NowShorter") + 1
+        # Its own first turn comes back from its cache: all of it but the answer's last token,
+        # which no forward ran.
+        assert second.runs[name].cached_prompt_tokens == len(opening) + len(answer) - 1
+    assert second.runs["hf"].prompt_tokens == second.runs[AR].prompt_tokens  # peers follow the AR conversation
+    overall = result["overall"]
+    assert overall["prompt_tokens"] == sum(r.runs[AR].prompt_tokens for r in records)
+    assert overall["spec_prompt_tokens"] == sum(r.runs[SPEC].prompt_tokens for r in records)
 
 
 def test_a_divergence_is_found_classified_and_counted():

@@ -1,11 +1,16 @@
 """The benchmark loop: every turn of every question decoded by the plain (AR) path, the
 speculative path and optional peers, alternately on the same runner, with per-turn records.
 
-Multi-turn questions use the chat template; turn n+1 sees the AR answer of turn n as the
-assistant message, so every path decodes exactly the same prompt. The order of the paths
+Multi-turn questions use the chat template. Under greedy decoding turn n+1 sees the AR answer
+of turn n as the assistant message, so every path decodes exactly the same prompt. Sampled
+answers differ from path to path, so there each of our paths (AR, speculative, variants)
+continues its own conversation, as a server continues the one it answered, and the peers
+follow the AR path's. The order of the paths
 rotates from turn to turn so that slow drifts of a busy machine hit them alike. With a prefix
 cache, each of our paths has its own (a later turn reuses that path's own earlier turns, never
-another path's work), emptied after the warm-up. Under greedy
+another path's work), emptied after the warm-up: with a shared sampled conversation, the
+speculative path's cache would hold its own first answer while its second prompt held the AR
+path's, a prefill only the AR path could skip. Under greedy
 decoding every path's token ids are compared with the AR path's: the first differing position
 is a divergence, classified as a near-tie when the target's top-2 logit margin there is below
 the tolerance (DESIGN.md: tree and one-token forwards differ in float rounding).
@@ -75,6 +80,7 @@ class PathRun:
     verify_seconds: float = 0.0
     divergence: Divergence | None = None
     cached_prompt_tokens: int = 0
+    prompt_tokens: int = 0  # of the prompt this path decoded (its own conversation's when sampling)
     ttft: float = 0.0  # seconds to the first token (prefill, or the cached prefix's restore and the rest)
 
     @property
@@ -89,7 +95,6 @@ class TurnRecord:
     question_id: str
     category: str
     turn: int
-    prompt_tokens: int
     runs: dict[str, PathRun]
 
 
@@ -107,7 +112,9 @@ def run_bench(
     same head without lookup drafting), reported beside the peers."""
     if not questions:
         return []
-    paths, caches = _paths(runner, drafter, peers, config, variants or {})
+    variants = variants or {}
+    paths, caches = _paths(runner, drafter, peers, config, variants)
+    ours = {AR, SPEC, *variants}
     if config.warmup_tokens:
         prompt = runner.encode_messages([{"role": "user", "content": questions[0].turns[0]}])
         for run in paths.values():
@@ -116,23 +123,36 @@ def run_bench(
             cache.clear()
     records: list[TurnRecord] = []
     bar = tqdm(questions, desc="bench", unit="question", disable=not progress)
+    sources = {name: name if not config.greedy and name in ours else AR for name in paths}
     for question in bar:
-        messages: list[dict] = []
-        for t, text in enumerate(question.turns):
-            messages.append({"role": "user", "content": text})
-            prompt = runner.encode_messages(messages)
+        answers: dict[str, list[str]] = {source: [] for source in dict.fromkeys(sources.values())}
+        for t in range(len(question.turns)):
+            prompts = {source: runner.encode_messages(_conversation(question.turns[: t + 1], texts)) for source, texts in answers.items()}
             seed = config.seed + len(records)
             names = list(paths)
             shift = len(records) % len(names)
-            runs = {name: paths[name](prompt, config.max_new_tokens, seed) for name in names[shift:] + names[:shift]}
+            runs = {name: paths[name](prompts[sources[name]], config.max_new_tokens, seed) for name in names[shift:] + names[:shift]}
+            for name, run in runs.items():
+                run.prompt_tokens = len(prompts[sources[name]])
             if config.greedy:
                 for name, run in runs.items():
                     if name != AR:
-                        run.divergence = find_divergence(runner, prompt, runs[AR].token_ids, run.token_ids, config.near_tie)
-            records.append(TurnRecord(question.question_id, question.category, t, len(prompt), runs))
-            messages.append({"role": "assistant", "content": runner.tokenizer.decode(runs[AR].token_ids, skip_special_tokens=True)})
+                        run.divergence = find_divergence(runner, prompts[AR], runs[AR].token_ids, run.token_ids, config.near_tie)
+            records.append(TurnRecord(question.question_id, question.category, t, runs))
+            for source, texts in answers.items():
+                texts.append(runner.tokenizer.decode(runs[source].token_ids, skip_special_tokens=True))
         bar.set_postfix(_running(records), refresh=False)
     return records
+
+
+def _conversation(user_turns: Sequence[str], answers: Sequence[str]) -> list[dict]:
+    """Chat messages: each user turn followed by its answer, where there is one."""
+    messages: list[dict] = []
+    for t, text in enumerate(user_turns):
+        messages.append({"role": "user", "content": text})
+        if t < len(answers):
+            messages.append({"role": "assistant", "content": answers[t]})
+    return messages
 
 
 def find_divergence(

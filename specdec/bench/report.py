@@ -41,7 +41,7 @@ def _markdown(result: dict) -> str:
         "",
         markdown_table(result),
         "",
-        "τ = new tokens per target forward; speedup = spec tokens/s over AR tokens/s (same prompts, same runner, alternating).",
+        "τ = new tokens per target forward; speedup = spec tokens/s over AR tokens/s (same runner, alternating; the same prompts under greedy decoding, each path its own conversation when sampling).",
         "",
         "## Acceptance",
         "",
@@ -50,7 +50,7 @@ def _markdown(result: dict) -> str:
         f"{o['paused_rounds']} plain rounds chosen by the back-off.",
         f"Time per round: drafting {o['spec_draft_ms_per_round']:.1f} ms + tree forward {o['spec_verify_ms_per_round']:.1f} ms "
         f"(speculative), against a plain forward of {o['ar_forward_ms_per_round']:.1f} ms.",
-        f"Prompts: {o['prompt_tokens']} tokens; restored from each path's own prefix cache: {o['ar_cached_prompt_tokens']} (AR), "
+        f"Prompts: {o['prompt_tokens']} tokens (AR), {o['spec_prompt_tokens']} (spec); restored from each path's own prefix cache: {o['ar_cached_prompt_tokens']} (AR), "
         f"{o['spec_cached_prompt_tokens']} (spec). Mean time to first token: {o['ar_mean_ttft_ms']:.0f} ms (AR), "
         f"{o['spec_mean_ttft_ms']:.0f} ms (spec).",
         "",

@@ -57,7 +57,9 @@ def block(records: Sequence[TurnRecord], greedy: bool) -> dict:
         "near_tie_mismatches": sum(d.near_tie for d in divergences) if greedy else None,
         "spec_new_tokens": sum(s.new_tokens for s in spec),
         "ar_new_tokens": sum(a.new_tokens for a in ar),
-        "prompt_tokens": sum(r.prompt_tokens for r in records),
+        # Prompt tokens of each path (they differ when sampled paths continue their own conversations).
+        "prompt_tokens": sum(a.prompt_tokens for a in ar),
+        "spec_prompt_tokens": sum(s.prompt_tokens for s in spec),
         # Prompt tokens restored from each path's own prefix cache instead of prefilled.
         "ar_cached_prompt_tokens": sum(a.cached_prompt_tokens for a in ar),
         "spec_cached_prompt_tokens": sum(s.cached_prompt_tokens for s in spec),
@@ -88,12 +90,12 @@ def turn_row(record: TurnRecord) -> dict:
         "question_id": record.question_id,
         "category": record.category,
         "turn": record.turn,
-        "prompt_tokens": record.prompt_tokens,
         **{
             name: {
                 "new_tokens": run.new_tokens,
                 "seconds": round(run.seconds, 4),
                 "target_forwards": run.target_forwards,
+                "prompt_tokens": run.prompt_tokens,
                 "cached_prompt_tokens": run.cached_prompt_tokens,
             }
             for name, run in record.runs.items()
