@@ -23,6 +23,7 @@ from specdec.drafter import Drafter, DrafterUnavailable, DraftSession
 from specdec.prefix_cache import PrefixCache
 from specdec.sampling import make_generator, sample, warp_probs
 from specdec.target import SequenceState, TargetRunner
+from specdec.text_stream import TextStream
 from specdec.tree import DraftTree
 from specdec.verify import verify_greedy, verify_sampling
 
@@ -67,43 +68,6 @@ class GenerationStats:
         """Entry d-1: rounds in which at least d draft tokens were accepted."""
         deepest = max(self.accepted_per_round, default=0)
         return [sum(a >= d for a in self.accepted_per_round) for d in range(1, deepest + 1)]
-
-
-class TextStream:
-    """Incremental detokenisation with stop strings: emits only text that can no longer change
-    (no half UTF-8 character, no possible start of a stop string)."""
-
-    def __init__(self, tokenizer, stop_strings: Sequence[str]):
-        self.tokenizer = tokenizer
-        self.stops = [s for s in stop_strings if s]
-        self.ids: list[int] = []
-        self.emitted = 0
-        self.text = ""
-
-    def add(self, ids: Sequence[int], final: bool = False) -> tuple[str, bool]:
-        """Append ids; return (new safe text, whether a stop string was hit)."""
-        self.ids.extend(ids)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        hits = [i for i in (text.find(s, max(self.emitted - len(s), 0)) for s in self.stops) if i >= 0]
-        if hits:
-            self.text = text[: min(hits)]
-            return self._flush(len(self.text)), True
-        self.text = text
-        safe = len(text)
-        if not final:
-            if text.endswith("\ufffd"):
-                safe = len(text.rstrip("\ufffd"))
-            for s in self.stops:
-                for n in range(min(len(s) - 1, safe), 0, -1):
-                    if text[:safe].endswith(s[:n]):
-                        safe -= n
-                        break
-        return self._flush(max(safe, self.emitted)), False
-
-    def _flush(self, upto: int) -> str:
-        new = self.text[self.emitted : upto]
-        self.emitted = max(self.emitted, upto)
-        return new
 
 
 class Generation:
