@@ -4,13 +4,12 @@ speculative path and optional peers, alternately on the same runner, with per-tu
 Multi-turn questions use the chat template. Under greedy decoding turn n+1 sees the AR answer
 of turn n as the assistant message, so every path decodes exactly the same prompt. Sampled
 answers differ from path to path, so there each of our paths (AR, speculative, variants)
-continues its own conversation, as a server continues the one it answered, and the peers
-follow the AR path's. The order of the paths
-rotates from turn to turn so that slow drifts of a busy machine hit them alike. With a prefix
-cache, each of our paths has its own (a later turn reuses that path's own earlier turns, never
-another path's work), emptied after the warm-up: with a shared sampled conversation, the
-speculative path's cache would hold its own first answer while its second prompt held the AR
-path's, a prefill only the AR path could skip. Under greedy
+continues its own conversation, as a server continues the one it answered, and the peers follow
+the AR path's. The order of the paths rotates from turn to turn so that slow drifts of a busy
+machine hit them alike. With a prefix cache, each of our paths has its own (a later turn reuses
+that path's own earlier turns, never another path's work), emptied after the warm-up: with a
+shared sampled conversation, the speculative path's cache would hold its own first answer while
+its second prompt held the AR path's, a prefill only the AR path could skip. Under greedy
 decoding every path's token ids are compared with the AR path's: the first differing position
 is a divergence, classified as a near-tie when the target's top-2 logit margin there is below
 the tolerance (DESIGN.md: tree and one-token forwards differ in float rounding).
