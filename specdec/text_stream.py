@@ -16,21 +16,21 @@ from typing import Sequence
 
 
 class TextStream:
-    """The text of a growing id sequence, released in safe chunks (`add`)."""
+    """The text of a growing id sequence, released in safe chunks (`add`). window: how far the
+    split stays behind the last id (so anything the next ids can still change lies after it);
+    each round decodes at most about twice this many ids."""
 
-    # Ids decoded each round after `base` (up to twice this many), and how far the split stays
-    # behind the last id, so that anything the next ids can still change lies after it.
-    window: int = 64
-
-    def __init__(self, tokenizer, stop_strings: Sequence[str]):
-        self.tokenizer = tokenizer
+    def __init__(self, tokenizer, stop_strings: Sequence[str], window: int = 64):
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.tokenizer, self.window = tokenizer, window
         self.stops = [s for s in stop_strings if s]
         self.ids: list[int] = []
         self.emitted = 0
         self.text = ""
         self.base = 0  # ids[:base] decode to base_text
         self.base_text = ""
-        self._next_split = 2 * self.window  # id count at which to try moving `base`
+        self._next_split = 2 * window  # id count at which to try moving `base`
 
     def add(self, ids: Sequence[int], final: bool = False) -> tuple[str, bool]:
         """Append ids; return (new safe text, whether a stop string was hit)."""
@@ -64,7 +64,7 @@ class TextStream:
                 self.base, self.base_text, tail = split, self.base_text + head, rest
                 self._next_split = split + 2 * self.window
             else:
-                self._next_split = len(self.ids) + self.window // 8
+                self._next_split = len(self.ids) + max(1, self.window // 8)
         return self.base_text + tail
 
     def _text_of(self, ids: Sequence[int]) -> str:

@@ -30,9 +30,7 @@ class WordTokenizer:
 
 def stream(tokenizer, ids: list[int], steps: list[int], stops=(), window: int = 4) -> tuple[str, TextStream, bool]:
     """Feed ids in chunks of the given sizes; return the concatenated output."""
-    ts = TextStream(tokenizer, list(stops))
-    ts.window = window
-    ts._next_split = 2 * window
+    ts = TextStream(tokenizer, list(stops), window=window)
     out, at, hit = [], 0, False
     for i, size in enumerate(steps):
         chunk = ids[at : at + size]
