@@ -120,11 +120,7 @@ class HeadDraftSession(DraftSession):
         count = feats.shape[0]
         nxt = torch.tensor(self.tokens[start + 1 : start + 1 + count], device=self.device)
         positions = torch.arange(start, start + count, device=self.device)
-        mask = None
-        if start and count > 1:
-            mask = torch.ones(count, start + count, dtype=torch.bool, device=self.device)
-            mask[:, start:] = torch.ones(count, count, dtype=torch.bool, device=self.device).tril()
-        hidden, feature = self.head.step(feats, nxt, positions, mask, self.cache)
+        hidden, feature = self.head.step(feats, nxt, positions, None, self.cache)
         self._root_hidden, self._root_feature = hidden[-1], feature[-1]
         self._pending = []
 

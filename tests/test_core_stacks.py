@@ -141,6 +141,40 @@ def test_head_step_matches_the_module_forward(variant, switches):
         torch.testing.assert_close(fused, plain, atol=1e-5, rtol=1e-5)
 
 
+def test_head_step_without_a_mask_is_causal_after_the_cache():
+    """mask=None in a step after cached rows (a proposal feeding the committed pairs): each new
+    row sees the cache and the new rows up to itself, in the C++ step and in the module's."""
+    runner = tiny_runner(2)
+    head = tiny_head(runner, "fspad").eval().quantize_for_inference(int8_activations=False)
+    stack = head._stack
+    gen = torch.Generator().manual_seed(1)
+    feats, tokens = torch.randn(9, 32, generator=gen), torch.randint(0, VOCAB, (9,), generator=gen)
+    causal = torch.ones(4, 9, dtype=torch.bool)
+    causal[:, 5:] = torch.ones(4, 4, dtype=torch.bool).tril()
+    with torch.inference_mode():
+        for fused in (True, False):
+            head._stack = stack if fused else None
+            runs = []
+            for mask in (None, causal):
+                cache = head.new_draft_cache()
+                head.step(feats[:5], tokens[:5], torch.arange(5), None, cache)
+                runs.append(head.step(feats[5:], tokens[5:], torch.arange(5, 9), mask, cache))
+            whole = head.step(feats, tokens, torch.arange(9), None, head.new_draft_cache())
+            for a, b, c in zip(*runs, whole):
+                assert torch.equal(a, b)
+                torch.testing.assert_close(a, c[5:], atol=1e-5, rtol=1e-5)
+
+
+def test_head_rotary_table_matches_computed_angles():
+    """The drafting step's cos/sin table (grown past its first 512 positions) gives what
+    computing them gives."""
+    head = tiny_head(tiny_runner(0), "fspad")
+    for positions in (torch.tensor([0, 3, 511]), torch.tensor([[700, 2], [1500, 9]])):
+        for got, expected in zip(head.attn.rotary_at(positions), head.attn.rotary(positions, torch.float32)):
+            torch.testing.assert_close(got, expected, atol=1e-6, rtol=0)
+    assert head.attn._table[0].shape[0] >= 1501
+
+
 def test_stack_refuses_bad_arguments():
     runner = tiny_gguf_runner()
     lean, stack = runner.lean, runner.lean._stack
