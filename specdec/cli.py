@@ -50,6 +50,12 @@ def add_tree_args(parser: argparse.ArgumentParser) -> None:
         default=defaults.lookup_alone,
         help="propose a lookup chain whose first token is at least this likely without running the draft head (1 = never)",
     )
+    parser.add_argument(
+        "--head-context",
+        type=int,
+        default=defaults.head_context,
+        help="prompt tokens the draft head reads when a generation starts: the last N (0 = all)",
+    )
 
 
 def tree_from_args(args: argparse.Namespace) -> TreeConfig:

@@ -77,6 +77,13 @@ class TreeConfig:
     repeat) is proposed without running the head that round, which saves the proposal's cost
     where the head would rarely add a better node (the features wait and the head reads them
     in its next round); 1 never skips the head.
+
+    `head_context` (ours): the most (feature, token) pairs before the answer that the head reads
+    when a session opens: the prompt's last ones (0 = all). Why: the head's first proposal read
+    the whole prompt, about 0.25 ms a token on the 2-core CPU (0.25 s after a 1,000-token
+    prompt, 1.6 s after 4,000), and on 26 dev questions, and on the 20 with the longest prompts
+    (rag, summarization), reading the last 128 gave the same τ (2.343 against 2.341, 1.839
+    against 1.829; session 21). Lookup chains still search the whole prompt.
     """
 
     top_k: int = 4
@@ -85,12 +92,15 @@ class TreeConfig:
     min_prob: float = 0.25
     lookup_tokens: int = 7
     lookup_alone: float = 0.7
+    head_context: int = 128
 
     def __post_init__(self) -> None:
         if self.top_k < 1 or self.depth < 1 or self.total_tokens < 1:
             raise ConfigError(f"tree settings must be >= 1: {self}")
         if self.lookup_tokens < 0:
             raise ConfigError(f"lookup_tokens must be >= 0: {self.lookup_tokens}")
+        if self.head_context < 0:
+            raise ConfigError(f"head_context must be >= 0: {self.head_context}")
         if not 0.0 < self.lookup_alone <= 1.0:
             raise ConfigError(f"lookup_alone must be in (0, 1]: {self.lookup_alone}")
         if not 0.0 <= self.min_prob < 1.0:

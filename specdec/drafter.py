@@ -7,7 +7,8 @@ That last token is the root of the next tree. `open` starts with the prompt plus
 generated token and the prompt's features; `extend` adds the tokens committed by a round
 (accepted + bonus) with the features of the tokens before them (old root + accepted). The
 head reads features lazily, in the next round that runs it (a round whose tree is a likely
-lookup chain alone skips the head).
+lookup chain alone skips the head); the first time, only the last `TreeConfig.head_context`
+of them, while lookup chains search every token.
 
 The gRPC client in services/ implements the same two classes, so the decode loop cannot tell
 an embedded drafter from a remote one.
@@ -92,6 +93,9 @@ class HeadDraftSession(DraftSession):
         self.cache = head.new_draft_cache()
         self.index = NgramIndex()
         self._pending: list[torch.Tensor] = []
+        # Leading tokens whose (feature, next token) pairs the head never read (head_context):
+        # the head's cache slot i holds the pair of token i + skipped.
+        self._skipped = 0
         self._root_hidden: torch.Tensor | None = None
         self._root_feature: torch.Tensor | None = None
         self.closed = False
@@ -112,13 +116,19 @@ class HeadDraftSession(DraftSession):
 
     @torch.inference_mode()
     def _consume_pending(self) -> None:
-        """Run the head over the (feature, next token) pairs not seen yet, caching their KV."""
+        """Run the head over the (feature, next token) pairs not seen yet, caching their KV; on
+        the first run, over the last `head_context` of them. Positions count from the first
+        pair read: rotary attention depends only on the distance between positions."""
         if not self._pending:
             return
         feats = torch.cat(self._pending)
         start = self.cache.length
+        if not start and 0 < self.tree.head_context < feats.shape[0]:
+            self._skipped = feats.shape[0] - self.tree.head_context
+            feats = feats[self._skipped :]
         count = feats.shape[0]
-        nxt = torch.tensor(self.tokens[start + 1 : start + 1 + count], device=self.device)
+        first = self._skipped + start
+        nxt = torch.tensor(self.tokens[first + 1 : first + 1 + count], device=self.device)
         positions = torch.arange(start, start + count, device=self.device)
         hidden, feature = self.head.step(feats, nxt, positions, None, self.cache)
         self._root_hidden, self._root_feature = hidden[-1], feature[-1]

@@ -198,7 +198,7 @@ def test_cli_runs_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     assert main(argv) == 0
     result = json.loads(out_json.read_text())
     assert result["overall"]["greedy_mismatches"] == 0 and result["overall"]["turns"] == 2
-    assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6, "min_prob": 0.01, "lookup_tokens": 4, "lookup_alone": 0.8}
+    assert result["config"]["tree"] == {"top_k": 3, "depth": 3, "total_tokens": 6, "min_prob": 0.01, "lookup_tokens": 4, "lookup_alone": 0.8, "head_context": 128}
     assert result["config"]["peers"] == ["pld", "head"]
     assert result["config"]["prefix_cache_tokens"] == DEFAULT_PREFIX_CACHE_TOKENS  # on by default, as in the server
     assert result["overall"]["spec_cached_prompt_tokens"] > 0 and result["overall"]["ar_cached_prompt_tokens"] > 0

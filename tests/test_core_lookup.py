@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 import pytest
 import torch
@@ -244,3 +244,42 @@ def test_a_likely_chain_is_proposed_without_the_head_which_catches_up_later():
     steady._consume_pending()
     assert alone.cache.length == steady.cache.length
     torch.testing.assert_close(alone._root_hidden, steady._root_hidden, atol=1e-4, rtol=1e-4)
+
+
+def test_head_context_is_validated():
+    with pytest.raises(ConfigError):
+        TreeConfig(head_context=-1)
+
+
+@torch.inference_mode()
+def test_head_context_reads_only_the_prompts_last_pairs():
+    """With head_context W, a session opened on a long prompt drafts as one opened on the
+    prompt's last W tokens and their features (lookup off, so the index's extra tokens do not
+    matter), before and after a round's tokens arrive; with 0 it reads them all."""
+    runner = tiny_runner(3)
+    prompt = torch.randint(0, 64, (40,), generator=torch.Generator().manual_seed(0)).tolist()
+    features, _ = runner.prefill(runner.new_state(), prompt)
+    first, window = 11, 6
+    tree = TreeConfig(top_k=2, depth=3, total_tokens=8, min_prob=0.0, lookup_tokens=0)
+    windowed = tiny_drafter(runner, replace(tree, head_context=window)).open(prompt + [first], features)
+    short = tiny_drafter(runner, replace(tree, head_context=0)).open(prompt[-window:] + [first], features[-window:])
+    whole = tiny_drafter(runner, replace(tree, head_context=0)).open(prompt + [first], features)
+    assert windowed.propose() == short.propose() != whole.propose()
+    assert windowed.tokens == prompt + [first], "the lookup index keeps every token"
+    more = torch.randn(2, features.shape[1])
+    for session in (windowed, short):
+        session.extend([first, 23], more)
+    assert windowed.propose() == short.propose()
+    assert whole.cache.length == len(prompt) and windowed.cache.length == window + 2
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_greedy_output_is_unchanged_by_a_small_head_context(seed):
+    runner = tiny_runner(seed, sharpness=8.0)
+    prompt = torch.randint(0, 64, (30,), generator=torch.Generator().manual_seed(seed)).tolist()
+    plain = Generation(runner, prompt, SamplingParams(), StopConfig(max_new_tokens=40))
+    list(plain)
+    tree = TreeConfig(top_k=2, depth=2, total_tokens=6, min_prob=0.0, head_context=4)
+    spec = Generation(runner, prompt, SamplingParams(), StopConfig(max_new_tokens=40), tiny_drafter(runner, tree, seed=seed))
+    list(spec)
+    assert spec.token_ids == plain.token_ids

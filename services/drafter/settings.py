@@ -33,6 +33,7 @@ class DrafterSettings(BaseSettings):
     min_prob: float = Field(_TREE.min_prob, ge=0.0, lt=1.0, description="verify only draft nodes with at least this cumulative draft probability")
     lookup_tokens: int = Field(_TREE.lookup_tokens, ge=0, description="longest lookup chain (tokens that followed an earlier occurrence of the current suffix) added to each tree; 0 = off")
     lookup_alone: float = Field(_TREE.lookup_alone, gt=0.0, le=1.0, description="a lookup chain at least this likely is proposed without running the head (1 = never)")
+    head_context: int = Field(_TREE.head_context, ge=0, description="prompt tokens the head reads when a session opens: the last N (0 = all)")
     max_sessions: int = Field(64, ge=1, description="live sessions at most; more get RESOURCE_EXHAUSTED")
     grace_seconds: float = Field(5.0, ge=0, description="on SIGTERM, time given to live sessions before they are cut")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")

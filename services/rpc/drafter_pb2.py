@@ -24,35 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aservices/rpc/drafter.proto\x12\x12specdec.drafter.v1\"O\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.specdec.drafter.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\r\n\x0bInfoRequest\"\x81\x01\n\x0cTreeSettings\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x10\n\x08min_prob\x18\x04 \x01(\x02\x12\x15\n\rlookup_tokens\x18\x05 \x01(\x05\x12\x14\n\x0clookup_alone\x18\x06 \x01(\x02\"\xca\x02\n\x0cInfoResponse\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\x14\n\x0chead_variant\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x18\n\x10\x64raft_vocab_size\x18\x06 \x01(\x05\x12.\n\x04tree\x18\x07 \x01(\x0b\x32 .specdec.drafter.v1.TreeSettings\x12\x17\n\x0fspecdec_version\x18\x08 \x01(\t\x12\x18\n\x10protocol_version\x18\t \x01(\t\x12\x14\n\x0cmax_sessions\x18\n \x01(\x05\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\x05\x12\x31\n\x0e\x66\x65\x61ture_dtypes\x18\x0c \x03(\x0e\x32\x19.specdec.drafter.v1.DType\"G\n\x04Open\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12,\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x1a.specdec.drafter.v1.Tensor\"I\n\x06\x45xtend\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12,\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x1a.specdec.drafter.v1.Tensor\"\x18\n\x07Propose\x12\r\n\x05round\x18\x01 \x01(\x04\"\xa0\x01\n\x0eSessionRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.specdec.drafter.v1.OpenH\x00\x12,\n\x06\x65xtend\x18\x02 \x01(\x0b\x32\x1a.specdec.drafter.v1.ExtendH\x00\x12.\n\x07propose\x18\x03 \x01(\x0b\x32\x1b.specdec.drafter.v1.ProposeH\x00\x42\x06\n\x04kind\"M\n\x04Tree\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x0f\n\x07parents\x18\x03 \x03(\x05\x12\x15\n\rdraft_seconds\x18\x04 \x01(\x01\"9\n\x0fSessionResponse\x12&\n\x04tree\x18\x01 \x01(\x0b\x32\x18.specdec.drafter.v1.Tree*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x32\xac\x01\n\x07\x44rafter\x12I\n\x04Info\x12\x1f.specdec.drafter.v1.InfoRequest\x1a .specdec.drafter.v1.InfoResponse\x12V\n\x07Session\x12\".specdec.drafter.v1.SessionRequest\x1a#.specdec.drafter.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aservices/rpc/drafter.proto\x12\x12specdec.drafter.v1\"O\n\x06Tensor\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12(\n\x05\x64type\x18\x02 \x01(\x0e\x32\x19.specdec.drafter.v1.DType\x12\r\n\x05shape\x18\x03 \x03(\x03\"\r\n\x0bInfoRequest\"\x97\x01\n\x0cTreeSettings\x12\r\n\x05top_k\x18\x01 \x01(\x05\x12\r\n\x05\x64\x65pth\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\x12\x10\n\x08min_prob\x18\x04 \x01(\x02\x12\x15\n\rlookup_tokens\x18\x05 \x01(\x05\x12\x14\n\x0clookup_alone\x18\x06 \x01(\x02\x12\x14\n\x0chead_context\x18\x07 \x01(\x05\"\xca\x02\n\x0cInfoResponse\x12\x0c\n\x04head\x18\x01 \x01(\t\x12\x14\n\x0chead_variant\x18\x02 \x01(\t\x12\x0e\n\x06target\x18\x03 \x01(\t\x12\x13\n\x0bhidden_size\x18\x04 \x01(\x05\x12\x12\n\nvocab_size\x18\x05 \x01(\x05\x12\x18\n\x10\x64raft_vocab_size\x18\x06 \x01(\x05\x12.\n\x04tree\x18\x07 \x01(\x0b\x32 .specdec.drafter.v1.TreeSettings\x12\x17\n\x0fspecdec_version\x18\x08 \x01(\t\x12\x18\n\x10protocol_version\x18\t \x01(\t\x12\x14\n\x0cmax_sessions\x18\n \x01(\x05\x12\x17\n\x0f\x61\x63tive_sessions\x18\x0b \x01(\x05\x12\x31\n\x0e\x66\x65\x61ture_dtypes\x18\x0c \x03(\x0e\x32\x19.specdec.drafter.v1.DType\"G\n\x04Open\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12,\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x1a.specdec.drafter.v1.Tensor\"I\n\x06\x45xtend\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12,\n\x08\x66\x65\x61tures\x18\x02 \x01(\x0b\x32\x1a.specdec.drafter.v1.Tensor\"\x18\n\x07Propose\x12\r\n\x05round\x18\x01 \x01(\x04\"\xa0\x01\n\x0eSessionRequest\x12(\n\x04open\x18\x01 \x01(\x0b\x32\x18.specdec.drafter.v1.OpenH\x00\x12,\n\x06\x65xtend\x18\x02 \x01(\x0b\x32\x1a.specdec.drafter.v1.ExtendH\x00\x12.\n\x07propose\x18\x03 \x01(\x0b\x32\x1b.specdec.drafter.v1.ProposeH\x00\x42\x06\n\x04kind\"M\n\x04Tree\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x0e\n\x06tokens\x18\x02 \x03(\x05\x12\x0f\n\x07parents\x18\x03 \x03(\x05\x12\x15\n\rdraft_seconds\x18\x04 \x01(\x01\"9\n\x0fSessionResponse\x12&\n\x04tree\x18\x01 \x01(\x0b\x32\x18.specdec.drafter.v1.Tree*X\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x11\n\rDTYPE_FLOAT16\x10\x01\x12\x12\n\x0e\x44TYPE_BFLOAT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03\x32\xac\x01\n\x07\x44rafter\x12I\n\x04Info\x12\x1f.specdec.drafter.v1.InfoRequest\x1a .specdec.drafter.v1.InfoResponse\x12V\n\x07Session\x12\".specdec.drafter.v1.SessionRequest\x1a#.specdec.drafter.v1.SessionResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'services.rpc.drafter_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=1086
-  _globals['_DTYPE']._serialized_end=1174
+  _globals['_DTYPE']._serialized_start=1108
+  _globals['_DTYPE']._serialized_end=1196
   _globals['_TENSOR']._serialized_start=50
   _globals['_TENSOR']._serialized_end=129
   _globals['_INFOREQUEST']._serialized_start=131
   _globals['_INFOREQUEST']._serialized_end=144
   _globals['_TREESETTINGS']._serialized_start=147
-  _globals['_TREESETTINGS']._serialized_end=276
-  _globals['_INFORESPONSE']._serialized_start=279
-  _globals['_INFORESPONSE']._serialized_end=609
-  _globals['_OPEN']._serialized_start=611
-  _globals['_OPEN']._serialized_end=682
-  _globals['_EXTEND']._serialized_start=684
-  _globals['_EXTEND']._serialized_end=757
-  _globals['_PROPOSE']._serialized_start=759
-  _globals['_PROPOSE']._serialized_end=783
-  _globals['_SESSIONREQUEST']._serialized_start=786
-  _globals['_SESSIONREQUEST']._serialized_end=946
-  _globals['_TREE']._serialized_start=948
-  _globals['_TREE']._serialized_end=1025
-  _globals['_SESSIONRESPONSE']._serialized_start=1027
-  _globals['_SESSIONRESPONSE']._serialized_end=1084
-  _globals['_DRAFTER']._serialized_start=1177
-  _globals['_DRAFTER']._serialized_end=1349
+  _globals['_TREESETTINGS']._serialized_end=298
+  _globals['_INFORESPONSE']._serialized_start=301
+  _globals['_INFORESPONSE']._serialized_end=631
+  _globals['_OPEN']._serialized_start=633
+  _globals['_OPEN']._serialized_end=704
+  _globals['_EXTEND']._serialized_start=706
+  _globals['_EXTEND']._serialized_end=779
+  _globals['_PROPOSE']._serialized_start=781
+  _globals['_PROPOSE']._serialized_end=805
+  _globals['_SESSIONREQUEST']._serialized_start=808
+  _globals['_SESSIONREQUEST']._serialized_end=968
+  _globals['_TREE']._serialized_start=970
+  _globals['_TREE']._serialized_end=1047
+  _globals['_SESSIONRESPONSE']._serialized_start=1049
+  _globals['_SESSIONRESPONSE']._serialized_end=1106
+  _globals['_DRAFTER']._serialized_start=1199
+  _globals['_DRAFTER']._serialized_end=1371
 # @@protoc_insertion_point(module_scope)

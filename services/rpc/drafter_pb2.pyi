@@ -33,20 +33,22 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class TreeSettings(_message.Message):
-    __slots__ = ("top_k", "depth", "total_tokens", "min_prob", "lookup_tokens", "lookup_alone")
+    __slots__ = ("top_k", "depth", "total_tokens", "min_prob", "lookup_tokens", "lookup_alone", "head_context")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     TOTAL_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_PROB_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_TOKENS_FIELD_NUMBER: _ClassVar[int]
     LOOKUP_ALONE_FIELD_NUMBER: _ClassVar[int]
+    HEAD_CONTEXT_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     depth: int
     total_tokens: int
     min_prob: float
     lookup_tokens: int
     lookup_alone: float
-    def __init__(self, top_k: _Optional[int] = ..., depth: _Optional[int] = ..., total_tokens: _Optional[int] = ..., min_prob: _Optional[float] = ..., lookup_tokens: _Optional[int] = ..., lookup_alone: _Optional[float] = ...) -> None: ...
+    head_context: int
+    def __init__(self, top_k: _Optional[int] = ..., depth: _Optional[int] = ..., total_tokens: _Optional[int] = ..., min_prob: _Optional[float] = ..., lookup_tokens: _Optional[int] = ..., lookup_alone: _Optional[float] = ..., head_context: _Optional[int] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("head", "head_variant", "target", "hidden_size", "vocab_size", "draft_vocab_size", "tree", "specdec_version", "protocol_version", "max_sessions", "active_sessions", "feature_dtypes")

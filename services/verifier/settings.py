@@ -48,6 +48,7 @@ class VerifierSettings(BaseSettings):
     min_prob: float = Field(_TREE.min_prob, ge=0.0, lt=1.0, description="embedded drafter: verify only draft nodes with at least this cumulative draft probability")
     lookup_tokens: int = Field(_TREE.lookup_tokens, ge=0, description="embedded drafter: longest lookup chain (tokens that followed an earlier occurrence of the current suffix) added to each tree; 0 = off")
     lookup_alone: float = Field(_TREE.lookup_alone, gt=0.0, le=1.0, description="embedded drafter: a lookup chain at least this likely is proposed without running the head (1 = never)")
+    head_context: int = Field(_TREE.head_context, ge=0, description="embedded drafter: prompt tokens the head reads when a generation starts: the last N (0 = all)")
     prefix_cache_tokens: int = Field(
         DEFAULT_PREFIX_CACHE_TOKENS,
         ge=0,
