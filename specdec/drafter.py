@@ -64,7 +64,9 @@ class Drafter(ABC):
 
     @abstractmethod
     def open(self, token_ids: Sequence[int], features: torch.Tensor) -> DraftSession:
-        """token_ids: prompt + first generated token; features: [len(token_ids) - 1, d]."""
+        """token_ids: prompt + first generated token; features: the target's features of the
+        tokens before the root, [len(token_ids) - 1, d], or of only the last F of them where the
+        drafter reads no more (`HeadDrafter`: at least `TreeConfig.head_context`)."""
 
 
 class HeadDrafter(Drafter):
@@ -79,9 +81,13 @@ class HeadDrafter(Drafter):
         return self.tree.total_tokens
 
     def open(self, token_ids: Sequence[int], features: torch.Tensor) -> "HeadDraftSession":
+        skipped = len(token_ids) - 1 - features.shape[0]
+        if skipped < 0:
+            raise ValueError(f"{len(token_ids)} tokens have at most {len(token_ids) - 1} features before the root, got {features.shape[0]}")
         session = HeadDraftSession(self.head, self.tree)
-        session.index.extend(token_ids[:1])
-        session.extend(token_ids[1:], features)
+        session.index.extend(token_ids[: skipped + 1])
+        session._skipped = skipped
+        session.extend(token_ids[skipped + 1 :], features)
         return session
 
 
@@ -93,8 +99,8 @@ class HeadDraftSession(DraftSession):
         self.cache = head.new_draft_cache()
         self.index = NgramIndex()
         self._pending: list[torch.Tensor] = []
-        # Leading tokens whose (feature, next token) pairs the head never read (head_context):
-        # the head's cache slot i holds the pair of token i + skipped.
+        # Leading tokens whose (feature, next token) pairs the head never read (not sent, or
+        # beyond head_context): the head's cache slot i holds the pair of token i + skipped.
         self._skipped = 0
         self._root_hidden: torch.Tensor | None = None
         self._root_feature: torch.Tensor | None = None
@@ -124,8 +130,9 @@ class HeadDraftSession(DraftSession):
         feats = torch.cat(self._pending)
         start = self.cache.length
         if not start and 0 < self.tree.head_context < feats.shape[0]:
-            self._skipped = feats.shape[0] - self.tree.head_context
-            feats = feats[self._skipped :]
+            cut = feats.shape[0] - self.tree.head_context
+            self._skipped += cut
+            feats = feats[cut:]
         count = feats.shape[0]
         first = self._skipped + start
         nxt = torch.tensor(self.tokens[first + 1 : first + 1 + count], device=self.device)

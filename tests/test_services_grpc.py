@@ -143,6 +143,43 @@ def test_malformed_sessions_are_rejected(runner, remote) -> None:
     assert raw_session(address, pb.SessionRequest()) == grpc.StatusCode.FAILED_PRECONDITION
 
 
+def test_open_carries_only_the_features_the_head_reads(runner, monkeypatch) -> None:
+    """With head_context 3 the client sends the prompt's last 3 features, the servicer accepts
+    from 3 to all of them (fewer is INVALID_ARGUMENT), and decoding matches the embedded drafter
+    with the same window round for round."""
+    from dataclasses import replace
+
+    import services.verifier.remote_drafter as remote_module
+
+    base = tiny_drafter(runner, seed=3)
+    windowed = HeadDrafter(base.head, replace(base.tree, head_context=3))
+    server, _, address = serve(windowed)
+    try:
+        d = runner.hidden_size
+
+        def opening(rows: int) -> pb.SessionRequest:
+            return pb.SessionRequest(open=pb.Open(token_ids=PROMPT, features=tensor_to_proto(torch.zeros(rows, d), "float32")))
+
+        propose = pb.SessionRequest(propose=pb.Propose(round=1))
+        assert raw_session(address, opening(3), propose) == grpc.StatusCode.OK
+        assert raw_session(address, opening(len(PROMPT) - 1), propose) == grpc.StatusCode.OK
+        assert raw_session(address, opening(2)) == grpc.StatusCode.INVALID_ARGUMENT
+        sent = []
+
+        def recording(tensor: torch.Tensor, dtype: str) -> pb.Tensor:
+            sent.append(tuple(tensor.shape))
+            return tensor_to_proto(tensor, dtype)
+
+        monkeypatch.setattr(remote_module, "tensor_to_proto", recording)
+        via_grpc = generate(runner, client(runner, address))
+        embedded = generate(runner, windowed)
+        assert sent[0] == (3, d), "Open carries the last head_context features"
+        assert via_grpc.token_ids == embedded.token_ids
+        assert via_grpc.stats.accepted_per_round == embedded.stats.accepted_per_round and via_grpc.stats.draft_tokens > 0
+    finally:
+        server.stop(None)
+
+
 def test_info_describes_the_head(runner, drafter, remote) -> None:
     with grpc.insecure_channel(remote[1]) as channel:
         info = pb_grpc.DrafterStub(channel).Info(pb.InfoRequest(), timeout=5)

@@ -96,16 +96,20 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                      "active" if context.is_active() else "ended by client")
 
     def _decode(self, message: pb.Open | pb.Extend, context: grpc.ServicerContext, extra_token: int):
-        """Token ids and features of an Open (one more token than features) or Extend (as many)."""
+        """Token ids and features of an Open (features of the tokens before the last one: all of
+        them, or at least the last head_context) or Extend (as many as tokens)."""
         ids = list(message.token_ids)
         cfg = self.drafter.head.cfg
         try:
             features = tensor_from_proto(message.features)
         except ValueError as exc:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"features: {exc}")
-        want = (len(ids) - extra_token, cfg.hidden_size)
-        if tuple(features.shape) != want or (extra_token and not ids):
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(ids)} token ids need features of shape {want}, got {tuple(features.shape)}")
+        rows = len(ids) - extra_token
+        fewest = min(rows, self.drafter.tree.head_context or rows) if extra_token else rows
+        shape = tuple(features.shape)
+        if len(shape) != 2 or shape[1] != cfg.hidden_size or not fewest <= shape[0] <= rows or (extra_token and not ids):
+            want = f"({rows}, {cfg.hidden_size})" if fewest == rows else f"(n, {cfg.hidden_size}) with {fewest} <= n <= {rows}"
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{len(ids)} token ids need features of shape {want}, got {shape}")
         if any(not 0 <= t < cfg.vocab_size for t in ids):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token ids must be in [0, {cfg.vocab_size})")
         return ids, features
