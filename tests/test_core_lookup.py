@@ -283,3 +283,19 @@ def test_greedy_output_is_unchanged_by_a_small_head_context(seed):
     spec = Generation(runner, prompt, SamplingParams(), StopConfig(max_new_tokens=40), tiny_drafter(runner, tree, seed=seed))
     list(spec)
     assert spec.token_ids == plain.token_ids
+
+
+@torch.inference_mode()
+def test_open_with_the_features_of_a_suffix():
+    """A session may open with the features of the prompt's last tokens only (a remote verifier
+    sends no more than the head reads): it drafts as one opened on that suffix, its index keeps
+    every token, and more features than tokens before the root are refused."""
+    runner = tiny_runner(4)
+    prompt = torch.randint(0, 64, (20,), generator=torch.Generator().manual_seed(2)).tolist()
+    features, _ = runner.prefill(runner.new_state(), prompt)
+    tree = TreeConfig(top_k=2, depth=3, total_tokens=8, min_prob=0.0, lookup_tokens=0, head_context=0)
+    suffix = tiny_drafter(runner, tree).open(prompt + [7], features[-5:])
+    short = tiny_drafter(runner, tree).open(prompt[-5:] + [7], features[-5:])
+    assert suffix.propose() == short.propose() and suffix.tokens == prompt + [7]
+    with pytest.raises(ValueError):
+        tiny_drafter(runner, tree).open(prompt[-3:] + [7], features[-5:])
