@@ -168,15 +168,20 @@ def test_repeated_text_puts_its_continuation_in_the_tree():
     assert len(off) <= 1 + 2 + 4, "without lookup only the head's nodes"
 
 
+def greedy_plain_and_speculative(runner, prompt: list[int], tree: TreeConfig, seed: int, tokens: int) -> tuple[Generation, Generation]:
+    """The plain and the speculative greedy generation of `tokens` tokens after `prompt`."""
+    runs = []
+    for drafter in (None, tiny_drafter(runner, tree, seed=seed)):
+        gen = Generation(runner, prompt, SamplingParams(), StopConfig(max_new_tokens=tokens), drafter)
+        list(gen)
+        runs.append(gen)
+    return runs[0], runs[1]
+
+
 @pytest.mark.parametrize("seed", range(6))
 def test_lookup_drafting_keeps_greedy_output(seed):
-    runner = tiny_runner(seed, sharpness=8.0)
-    prompt = [3, 4, 5, 6] * 3 + [3]
-    plain = Generation(runner, prompt, SamplingParams(), StopConfig(max_new_tokens=48))
-    list(plain)
     tree = TreeConfig(top_k=2, depth=2, total_tokens=8, min_prob=0.0, lookup_tokens=6)
-    spec = Generation(runner, prompt, SamplingParams(), StopConfig(max_new_tokens=48), tiny_drafter(runner, tree, seed=seed))
-    list(spec)
+    plain, spec = greedy_plain_and_speculative(tiny_runner(seed, sharpness=8.0), [3, 4, 5, 6] * 3 + [3], tree, seed, 48)
     assert spec.token_ids == plain.token_ids
     assert spec.stats.draft_tokens > 0
 
@@ -275,14 +280,10 @@ def test_head_context_reads_only_the_prompts_last_pairs():
 
 @pytest.mark.parametrize("seed", range(3))
 def test_greedy_output_is_unchanged_by_a_small_head_context(seed):
-    runner = tiny_runner(seed, sharpness=8.0)
     prompt = torch.randint(0, 64, (30,), generator=torch.Generator().manual_seed(seed)).tolist()
-    plain = Generation(runner, prompt, SamplingParams(), StopConfig(max_new_tokens=40))
-    list(plain)
     tree = TreeConfig(top_k=2, depth=2, total_tokens=6, min_prob=0.0, head_context=4)
-    spec = Generation(runner, prompt, SamplingParams(), StopConfig(max_new_tokens=40), tiny_drafter(runner, tree, seed=seed))
-    list(spec)
-    assert spec.token_ids == plain.token_ids
+    plain, spec = greedy_plain_and_speculative(tiny_runner(seed, sharpness=8.0), prompt, tree, seed, 40)
+    assert spec.token_ids == plain.token_ids and spec.stats.draft_tokens > 0
 
 
 @torch.inference_mode()
