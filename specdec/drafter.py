@@ -84,15 +84,14 @@ class HeadDrafter(Drafter):
         skipped = len(token_ids) - 1 - features.shape[0]
         if skipped < 0:
             raise ValueError(f"{len(token_ids)} tokens have at most {len(token_ids) - 1} features before the root, got {features.shape[0]}")
-        session = HeadDraftSession(self.head, self.tree)
+        session = HeadDraftSession(self.head, self.tree, skipped)
         session.index.extend(token_ids[: skipped + 1])
-        session._skipped = skipped
         session.extend(token_ids[skipped + 1 :], features)
         return session
 
 
 class HeadDraftSession(DraftSession):
-    def __init__(self, head: DraftHead, tree: TreeConfig):
+    def __init__(self, head: DraftHead, tree: TreeConfig, skipped: int = 0):
         self.head, self.tree = head, tree
         param = head.fc.weight
         self.device, self.dtype = param.device, param.dtype
@@ -101,7 +100,7 @@ class HeadDraftSession(DraftSession):
         self._pending: list[torch.Tensor] = []
         # Leading tokens whose (feature, next token) pairs the head never read (not sent, or
         # beyond head_context): the head's cache slot i holds the pair of token i + skipped.
-        self._skipped = 0
+        self._skipped = skipped
         self._root_hidden: torch.Tensor | None = None
         self._root_feature: torch.Tensor | None = None
         self.closed = False
