@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 from typing import Iterator
 
 import grpc
@@ -16,6 +17,7 @@ from services.drafter.servicer import DrafterServicer
 from services.rpc import CHANNEL_OPTIONS, tensor_to_proto
 from services.rpc import drafter_pb2 as pb
 from services.rpc import drafter_pb2_grpc as pb_grpc
+import services.verifier.remote_drafter as remote_module
 from services.verifier.remote_drafter import RemoteDrafter
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import DrafterUnavailable, HeadDrafter
@@ -143,16 +145,11 @@ def test_malformed_sessions_are_rejected(runner, remote) -> None:
     assert raw_session(address, pb.SessionRequest()) == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_open_carries_only_the_features_the_head_reads(runner, monkeypatch) -> None:
+def test_open_carries_only_the_features_the_head_reads(runner, drafter, monkeypatch) -> None:
     """With head_context 3 the client sends the prompt's last 3 features, the servicer accepts
     from 3 to all of them (fewer is INVALID_ARGUMENT), and decoding matches the embedded drafter
     with the same window round for round."""
-    from dataclasses import replace
-
-    import services.verifier.remote_drafter as remote_module
-
-    base = tiny_drafter(runner, seed=3)
-    windowed = HeadDrafter(base.head, replace(base.tree, head_context=3))
+    windowed = tiny_drafter(runner, replace(drafter.tree, head_context=3), seed=3)
     server, _, address = serve(windowed)
     try:
         d = runner.hidden_size
