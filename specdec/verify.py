@@ -78,7 +78,8 @@ def verify_sampling(
     path = [0]
     node = 0
     while True:
-        p = target_probs[node].detach().to("cpu", torch.float64).clone()
+        # A copy only where rejected children will be zeroed; a leaf samples from the row itself.
+        p = target_probs[node].detach().to("cpu", torch.float64, copy=bool(children[node]))
         accepted = None
         for child in children[node]:
             x = tokens[child]
@@ -94,6 +95,6 @@ def verify_sampling(
                 # Only reachable if the children covered the whole support and were all
                 # rejected, which has probability zero; fall back to the full distribution.
                 p = target_probs[node].detach().to("cpu", torch.float64)
-            return Acceptance(path=path, bonus_token=sample(p / p.sum(), generator))
+            return Acceptance(path=path, bonus_token=sample(p, generator))
         path.append(accepted)
         node = accepted

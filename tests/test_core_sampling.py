@@ -15,7 +15,7 @@ from scipy.stats import chisquare
 
 from specdec.config import SamplingParams, StopConfig
 from specdec.generate import Generation
-from specdec.sampling import make_generator, sample, warp_probs
+from specdec.sampling import FLOAT32_MIN_TEMPERATURE, make_generator, sample, warp_probs
 from specdec.tree import DraftTree
 from specdec.verify import verify_sampling
 from tests.tiny import OracleDrafter, tiny_runner
@@ -59,6 +59,33 @@ def test_sample_is_seeded():
     weights = torch.softmax(torch.randn(1000, generator=torch.Generator().manual_seed(0)), 0)
     a, b = make_generator(9), make_generator(9)
     assert [sample(weights, a) for _ in range(50)] == [sample(weights, b) for _ in range(50)]
+
+@pytest.mark.parametrize("temperature", [FLOAT32_MIN_TEMPERATURE, 0.7, 1.0, 2.5])
+def test_float32_warp_matches_the_float64_softmax(temperature):
+    """Plain temperature sampling takes the float32 softmax; it is the float64 one up to float32
+    rounding. Below the threshold, or with top-k/top-p, the float64 path stays."""
+    logits = torch.randn(3, 4096, generator=torch.Generator().manual_seed(1)) * 8
+    p = warp_probs(logits, SamplingParams(temperature=temperature))
+    assert p.dtype == torch.float32
+    exact = torch.softmax(logits.double() / temperature, -1)
+    torch.testing.assert_close(p.double(), exact, rtol=1e-5, atol=1e-12)
+    assert warp_probs(logits, SamplingParams(temperature=FLOAT32_MIN_TEMPERATURE / 2)).dtype == torch.float64
+    assert warp_probs(logits, SamplingParams(temperature=temperature, top_p=0.9)).dtype == torch.float64
+    assert warp_probs(logits, SamplingParams(temperature=temperature, top_k=5)).dtype == torch.float64
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_verify_sampling_leaves_the_target_rows_unchanged(dtype):
+    """Rejected children are zeroed in a copy of their node's row, never in the caller's rows
+    (a float64 row is not converted, so this is where a missing copy would show)."""
+    probs = torch.softmax(torch.randn(4, 6, generator=torch.Generator().manual_seed(3)), -1).to(dtype)
+    before = probs.clone()
+    tree = DraftTree([0, 1, 2, 3], [-1, 0, 0, 0])
+    gen = make_generator(0)
+    outcomes = [verify_sampling(tree.tokens, tree.parents, probs, gen) for _ in range(200)]
+    assert any(a.num_accepted == 0 for a in outcomes)  # every child rejected at least once
+    assert torch.equal(probs, before)
 
 
 def test_verify_sampling_first_token_follows_target():
