@@ -25,7 +25,7 @@ from specdec.sampling import make_generator, sample, warp_probs
 from specdec.target import SequenceState, TargetRunner
 from specdec.text_stream import TextStream
 from specdec.tree import DraftTree
-from specdec.verify import verify_greedy, verify_sampling
+from specdec.verify import verify_walk
 
 
 @dataclass
@@ -54,7 +54,7 @@ class GenerationStats:
     seconds: float = 0.0
     ttft: float = 0.0
     draft_seconds: float = 0.0  # in the drafter's propose (where the speculative round's time goes)
-    verify_seconds: float = 0.0  # in the target's forward of each round's tree
+    verify_seconds: float = 0.0  # in the target's forward of each round's tree and the walk over it (its LM head)
 
     @property
     def tau(self) -> float:
@@ -155,15 +155,9 @@ class Generation:
                 if session is None and self.drafter is not None:
                     stats.fallback_rounds += 1
                 began = time.perf_counter()
-                if self.sampling.greedy:
-                    _, hidden = runner.forward_tree(state, tree, logits=False)
-                    target_argmax = runner.greedy_tokens(hidden)
-                    stats.verify_seconds += time.perf_counter() - began
-                    acc = verify_greedy(tree.tokens, tree.parents, target_argmax)
-                else:
-                    logits, hidden = runner.forward_tree(state, tree)
-                    stats.verify_seconds += time.perf_counter() - began
-                    acc = verify_sampling(tree.tokens, tree.parents, warp_probs(logits, self.sampling), gen)
+                _, hidden = runner.forward_tree(state, tree, logits=False)
+                acc = verify_walk(tree.tokens, tree.parents, runner.token_after(hidden, self.sampling, gen))
+                stats.verify_seconds += time.perf_counter() - began
                 stats.target_forwards += 1
                 runner.commit(state, acc.path)
                 if drafted:

@@ -14,14 +14,15 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from specdec.config import ACTIVATIONS, ConfigError
+from specdec.config import ACTIVATIONS, ConfigError, SamplingParams
 from specdec.gguf_linear import GGUFLinear, kernel, read_gguf_weights
 from specdec.llama import KVCache, LeanLlama
+from specdec.sampling import sample, warp_probs
 from specdec.tree import DraftTree, tree_attention_mask
 
 log = logging.getLogger(__name__)
@@ -222,6 +223,18 @@ class TargetRunner:
         head = self.lean.lm_head
         ids = head.argmax(features) if isinstance(head, GGUFLinear) else head(features).argmax(-1)
         return ids.tolist()
+
+    @torch.inference_mode()
+    def token_after(self, features: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Callable[[int], int]:
+        """The target's token after each row of `features` (forward_tree's second output) under
+        `params`, as `verify.verify_walk` asks for them: row i -> token. The LM head runs over
+        every row at once (one pass over its weights for all rows costs less than a pass per
+        row): greedy, their argmax; sampled, their logits, of which a row is warped and drawn
+        from only when the walk reaches it (the root and the accepted nodes)."""
+        if params.greedy:
+            return self.greedy_tokens(features).__getitem__
+        logits = self.lean.lm_head(features)
+        return lambda row: sample(warp_probs(logits[row], params), generator)
 
     @torch.inference_mode()
     def commit(self, state: SequenceState, path: Sequence[int]) -> None:

@@ -1,26 +1,31 @@
-"""Pure acceptance over a draft token tree: greedy path walk and lossless sampling.
+"""Pure acceptance over a draft token tree: one walk for greedy decoding and lossless sampling.
 
 Vocabulary (as in vLLM's rejection sampler):
 - *accepted* tokens are draft nodes the target agrees with, a path from the tree's root;
 - the *bonus* token is drawn from the target at the last accepted node (the root if none),
   from what is left of the target distribution after the rejected children were removed.
 
-The draft tree is deterministic (top-k), so every proposed child has draft probability 1. At a
-node with target distribution p, children are tried in order: child x is accepted with
-probability p(x); on rejection p(x) is set to 0 and p renormalised. If every child is rejected
-the bonus token is sampled from the residual p. The emitted token is therefore distributed
-exactly as p, which makes speculative sampling lossless. Greedy is the special case where p is
-a point mass on the argmax. No model and no state here: inputs in, decision out.
+The draft tree is deterministic (top-k), so every proposed child has draft probability 1. The
+usual rule at a node with target distribution p tries the children in order: child x is
+accepted with probability p(x); on rejection p(x) is set to 0 and p renormalised; if every
+child is rejected the bonus token is drawn from the residual p. Child x is then accepted with
+probability exactly p(x), and a token y that is no child comes out as the bonus with
+probability exactly p(y): the same outcome as drawing one token from p and accepting the child
+that carries it, or emitting it as the bonus if none does. That single draw is what
+`verify_walk` does at each node on its path, so the emitted tokens follow the target exactly,
+and greedy decoding is the same walk with the argmax as the draw. Only the nodes on the path
+are ever asked for, so a sampled row off it costs nothing (`TargetRunner.token_after`). No
+model and no state here: inputs in, decision out.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
-from specdec.sampling import sample, uniform
+from specdec.sampling import sample
 
 
 @dataclass(frozen=True)
@@ -49,13 +54,15 @@ def children_lists(parents: Sequence[int]) -> list[list[int]]:
     return children
 
 
-def verify_greedy(tokens: Sequence[int], parents: Sequence[int], target_argmax: Sequence[int]) -> Acceptance:
-    """Walk from the root while the target's argmax at the node is one of its children."""
+def verify_walk(tokens: Sequence[int], parents: Sequence[int], token_after: Callable[[int], int]) -> Acceptance:
+    """Walk from the root: at each node ask for the target's token after it (`token_after(node)`:
+    its argmax, or a draw from its distribution); accept the child that carries it and go on,
+    else it is the bonus token."""
     children = children_lists(parents)
     path = [0]
     node = 0
     while True:
-        wanted = int(target_argmax[node])
+        wanted = int(token_after(node))
         nxt = next((c for c in children[node] if tokens[c] == wanted), None)
         if nxt is None:
             return Acceptance(path=path, bonus_token=wanted)
@@ -63,38 +70,12 @@ def verify_greedy(tokens: Sequence[int], parents: Sequence[int], target_argmax: 
         node = nxt
 
 
-def verify_sampling(
-    tokens: Sequence[int],
-    parents: Sequence[int],
-    target_probs: torch.Tensor,
-    generator: torch.Generator,
-) -> Acceptance:
-    """Lossless recursive rejection sampling over a deterministic draft tree.
+def verify_greedy(tokens: Sequence[int], parents: Sequence[int], target_argmax: Sequence[int]) -> Acceptance:
+    """The walk with the target's argmax after each node."""
+    return verify_walk(tokens, parents, target_argmax.__getitem__)
 
-    target_probs: [num_nodes, vocab] warped target distributions (rows sum to 1), row i being
-    the distribution of the token that follows node i.
-    """
-    children = children_lists(parents)
-    path = [0]
-    node = 0
-    while True:
-        # A copy only where rejected children will be zeroed; a leaf samples from the row itself.
-        p = target_probs[node].detach().to("cpu", torch.float64, copy=bool(children[node]))
-        accepted = None
-        for child in children[node]:
-            x = tokens[child]
-            mass = float(p.sum())
-            if mass <= 0.0:
-                break
-            if uniform(generator) < float(p[x]) / mass:
-                accepted = child
-                break
-            p[x] = 0.0
-        if accepted is None:
-            if float(p.sum()) <= 0.0:
-                # Only reachable if the children covered the whole support and were all
-                # rejected, which has probability zero; fall back to the full distribution.
-                p = target_probs[node].detach().to("cpu", torch.float64)
-            return Acceptance(path=path, bonus_token=sample(p, generator))
-        path.append(accepted)
-        node = accepted
+
+def verify_sampling(tokens: Sequence[int], parents: Sequence[int], target_probs: torch.Tensor, generator: torch.Generator) -> Acceptance:
+    """The walk with a draw from each node's row of target_probs ([num_nodes, vocab] warped
+    target distributions, row i that of the token after node i; any positive totals)."""
+    return verify_walk(tokens, parents, lambda node: sample(target_probs[node], generator))

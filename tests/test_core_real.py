@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from specdec.backoff import BackoffConfig
 from specdec.config import SamplingParams, StopConfig, TreeConfig
 from specdec.drafter import load_head_drafter
 from specdec.generate import Generation
@@ -63,6 +64,22 @@ def test_random_head_greedy_equals_plain_on_dev_prompts(runner, index):
         assert a == b
     else:  # allowed only at a numerical near-tie of the target (DESIGN.md); then texts diverge
         assert near_tie(runner, prompt + a[:mismatch]), f"mismatch at {mismatch} without a near-tie"
+
+
+@pytest.mark.parametrize("index", range(3))
+def test_shipped_head_seeded_sampling_equals_plain_sampling_token_for_token(runner, index):
+    """With one draw per emitted token from rows that equal a one-token step's bit for bit, a
+    seeded sampled request gives the plain path's tokens exactly, not only its distribution."""
+    prompt = runner.encode(dev_prompts(3)[index], chat=True)
+    stop = StopConfig(max_new_tokens=48)
+    params = SamplingParams(temperature=1.0, seed=index) if index < 2 else SamplingParams(temperature=0.7, top_p=0.9, seed=index)
+    plain = Generation(runner, prompt, params, stop)
+    list(plain)
+    drafter = load_head_drafter(runner, None, TreeConfig())
+    spec = Generation(runner, prompt, params, stop, drafter, backoff=BackoffConfig(break_even=0.0))
+    list(spec)
+    assert sum(spec.stats.accepted_per_round) > 0 and spec.stats.paused_rounds == 0
+    assert spec.token_ids == plain.token_ids
 
 
 def test_cli_generate_json_spec_and_ar_agree():

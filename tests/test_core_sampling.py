@@ -107,6 +107,23 @@ def test_verify_sampling_first_token_follows_target():
     assert chi2_pvalue(seconds_after_3, probs[1].double().numpy()) > ALPHA
 
 
+def test_token_after_draws_a_row_from_its_warped_logits_only_when_asked():
+    runner = tiny_runner(11, sharpness=8.0)
+    state = runner.new_state()
+    runner.prefill(state, [5, 17, 42, 8])
+    tree = DraftTree([3, 4, 9], [-1, 0, 0])
+    logits, hidden = runner.forward_tree(state, tree)
+    params = SamplingParams(temperature=0.9)
+    gen = make_generator(2)
+    before = gen.get_state().clone()
+    pick = runner.token_after(hidden, params, gen)
+    assert torch.equal(gen.get_state(), before)  # no row is drawn from before the walk asks
+    draws = [pick(2) for _ in range(4000)]
+    assert chi2_pvalue(draws, warp_probs(logits[2], params).double().numpy()) > ALPHA
+    greedy = runner.token_after(hidden, SamplingParams(), gen)
+    assert [greedy(i) for i in range(len(tree))] == logits.argmax(-1).tolist()
+
+
 def exact_second_token(runner, prompt: list[int], params: SamplingParams) -> tuple[np.ndarray, np.ndarray]:
     """Exact marginals of the first and second generated tokens under warped target sampling."""
     vocab = runner.vocab_size
@@ -159,3 +176,18 @@ def test_plain_sampling_is_seeded_and_reproducible():
         list(gen)
         runs.append(gen.token_ids)
     assert runs[0] == runs[1] and runs[2] == runs[3]
+    assert runs[2] == runs[0]  # and the speculative path samples the plain path's tokens
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_seeded_speculative_sampling_gives_the_plain_tokens(seed):
+    """One draw per emitted token, each from a row equal to the one-token step's: the same seed
+    gives the same tokens with or without drafts, accepted or not."""
+    runner = tiny_runner(13, sharpness=6.0)
+    params = SamplingParams(temperature=0.8, seed=seed)
+    plain = Generation(runner, [4, 9, 1], params, StopConfig(max_new_tokens=24))
+    list(plain)
+    spec = Generation(runner, [4, 9, 1], params, StopConfig(max_new_tokens=24), OracleDrafter(runner, width=2, depth=3))
+    list(spec)
+    assert sum(spec.stats.accepted_per_round) > 0
+    assert spec.token_ids == plain.token_ids

@@ -3,16 +3,19 @@ speculative path and optional peers, alternately on the same runner, with per-tu
 
 Multi-turn questions use the chat template. Under greedy decoding turn n+1 sees the AR answer
 of turn n as the assistant message, so every path decodes exactly the same prompt. Sampled
-answers differ from path to path, so there each of our paths (AR, speculative, variants)
+answers may differ from path to path, so there each of our paths (AR, speculative, variants)
 continues its own conversation, as a server continues the one it answered, and the peers follow
-the AR path's. The order of the paths rotates from turn to turn so that slow drifts of a busy
+the AR path's. Our paths sample with the same seed per turn, so their answers are in fact the
+AR path's token for token (one draw per emitted token from bit-identical rows,
+`verify.verify_walk`): a sampled divergence is a mismatch, with no near-tie exemption. The order of the paths rotates from turn to turn so that slow drifts of a busy
 machine hit them alike. With a prefix cache, each of our paths has its own (a later turn reuses
 that path's own earlier turns, never another path's work), emptied after the warm-up: with a
 shared sampled conversation, the speculative path's cache would hold its own first answer while
 its second prompt held the AR path's, a prefill only the AR path could skip. Under greedy
-decoding every path's token ids are compared with the AR path's: the first differing position
-is a divergence, classified as a near-tie when the target's top-2 logit margin there is below
-the tolerance (DESIGN.md: tree and one-token forwards differ in float rounding).
+decoding every path's token ids are compared with the AR path's (sampled: our paths' only): the
+first differing position is a divergence, classified under greedy decoding as a near-tie when
+the target's top-2 logit margin there is below the tolerance (DESIGN.md: tree and one-token
+forwards differ in float rounding).
 """
 
 from __future__ import annotations
@@ -133,10 +136,10 @@ def run_bench(
             runs = {name: paths[name](prompts[sources[name]], config.max_new_tokens, seed) for name in names[shift:] + names[:shift]}
             for name, run in runs.items():
                 run.prompt_tokens = len(prompts[sources[name]])
-            if config.greedy:
-                for name, run in runs.items():
-                    if name != AR:
-                        run.divergence = find_divergence(runner, prompts[AR], runs[AR].token_ids, run.token_ids, config.near_tie)
+            for name, run in runs.items():
+                if name != AR and (config.greedy or name in ours):
+                    near_tie = config.near_tie if config.greedy else 0.0
+                    run.divergence = find_divergence(runner, prompts[AR], runs[AR].token_ids, run.token_ids, near_tie)
             records.append(TurnRecord(question.question_id, question.category, t, runs))
             for source, texts in answers.items():
                 texts.append(runner.tokenizer.decode(runs[source].token_ids, skip_special_tokens=True))

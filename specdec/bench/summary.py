@@ -21,7 +21,9 @@ def summarize(records: Sequence[TurnRecord], greedy: bool, config: dict, machine
     """The whole result. Rates are ratios of totals (total tokens / total forwards or seconds);
     speedup = spec tokens/s over AR tokens/s, i.e. AR seconds / spec seconds for equal tokens.
     Greedy mismatches count turns whose speculative tokens leave the AR tokens anywhere but at
-    a near-tie (those are counted apart); both are None when sampling."""
+    a near-tie (those are counted apart); both are None when sampling, where sampled mismatches
+    count turns whose speculative tokens leave the AR tokens of the same seed at all (None when
+    greedy)."""
     categories = list(dict.fromkeys(r.category for r in records))
     return {
         "overall": block(records, greedy),
@@ -55,6 +57,7 @@ def block(records: Sequence[TurnRecord], greedy: bool) -> dict:
         "ar_tokens_per_s": round(ar_tps, 2),
         "greedy_mismatches": sum(not d.near_tie for d in divergences) if greedy else None,
         "near_tie_mismatches": sum(d.near_tie for d in divergences) if greedy else None,
+        "sampled_mismatches": None if greedy else len(divergences),
         "spec_new_tokens": sum(s.new_tokens for s in spec),
         "ar_new_tokens": sum(a.new_tokens for a in ar),
         # Prompt tokens of each path (they differ when sampled paths continue their own conversations).
