@@ -74,8 +74,3 @@ def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
     if index >= cdf.numel():  # the draw rounded up to the total: the last token with mass
         index = int(torch.nonzero(weights)[-1])
     return index
-
-
-def uniform(generator: torch.Generator) -> float:
-    """One U[0, 1) draw from `generator` (on CPU, so results do not depend on the device)."""
-    return float(torch.rand((), generator=generator).item())

@@ -7,8 +7,9 @@ answers may differ from path to path, so there each of our paths (AR, speculativ
 continues its own conversation, as a server continues the one it answered, and the peers follow
 the AR path's. Our paths sample with the same seed per turn, so their answers are in fact the
 AR path's token for token (one draw per emitted token from bit-identical rows,
-`verify.verify_walk`): a sampled divergence is a mismatch, with no near-tie exemption. The order of the paths rotates from turn to turn so that slow drifts of a busy
-machine hit them alike. With a prefix cache, each of our paths has its own (a later turn reuses
+`verify.verify_walk`): a sampled divergence is a mismatch, with no near-tie exemption. The
+order of the paths rotates from turn to turn so that slow drifts of a busy machine hit them
+alike. With a prefix cache, each of our paths has its own (a later turn reuses
 that path's own earlier turns, never another path's work), emptied after the warm-up: with a
 shared sampled conversation, the speculative path's cache would hold its own first answer while
 its second prompt held the AR path's, a prefill only the AR path could skip. Under greedy
