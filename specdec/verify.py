@@ -23,10 +23,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
-import torch
-
-from specdec.sampling import sample
-
 
 @dataclass(frozen=True)
 class Acceptance:
@@ -69,13 +65,3 @@ def verify_walk(tokens: Sequence[int], parents: Sequence[int], token_after: Call
         path.append(nxt)
         node = nxt
 
-
-def verify_greedy(tokens: Sequence[int], parents: Sequence[int], target_argmax: Sequence[int]) -> Acceptance:
-    """The walk with the target's argmax after each node."""
-    return verify_walk(tokens, parents, target_argmax.__getitem__)
-
-
-def verify_sampling(tokens: Sequence[int], parents: Sequence[int], target_probs: torch.Tensor, generator: torch.Generator) -> Acceptance:
-    """The walk with a draw from each node's row of target_probs ([num_nodes, vocab] warped
-    target distributions, row i that of the token after node i; any positive totals)."""
-    return verify_walk(tokens, parents, lambda node: sample(target_probs[node], generator))

@@ -17,7 +17,7 @@ from specdec.config import SamplingParams, StopConfig
 from specdec.generate import Generation
 from specdec.sampling import FLOAT32_MIN_TEMPERATURE, make_generator, sample, warp_probs
 from specdec.tree import DraftTree
-from specdec.verify import verify_sampling
+from specdec.verify import verify_walk
 from tests.tiny import OracleDrafter, tiny_runner
 
 ALPHA = 1e-3
@@ -76,19 +76,19 @@ def test_float32_warp_matches_the_float64_softmax(temperature):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_verify_sampling_leaves_the_target_rows_unchanged(dtype):
-    """Rejected children are zeroed in a copy of their node's row, never in the caller's rows
-    (a float64 row is not converted, so this is where a missing copy would show)."""
+def test_sampled_walk_leaves_the_target_rows_unchanged(dtype):
+    """`sample` reads a row in place (no copy when it is already on the CPU), so a draw that
+    wrote to it would change the target's distribution for the rest of the walk."""
     probs = torch.softmax(torch.randn(4, 6, generator=torch.Generator().manual_seed(3)), -1).to(dtype)
     before = probs.clone()
     tree = DraftTree([0, 1, 2, 3], [-1, 0, 0, 0])
     gen = make_generator(0)
-    outcomes = [verify_sampling(tree.tokens, tree.parents, probs, gen) for _ in range(200)]
+    outcomes = [verify_walk(tree.tokens, tree.parents, lambda node: sample(probs[node], gen)) for _ in range(200)]
     assert any(a.num_accepted == 0 for a in outcomes)  # every child rejected at least once
     assert torch.equal(probs, before)
 
 
-def test_verify_sampling_first_token_follows_target():
+def test_sampled_walk_first_token_follows_target():
     gen = torch.Generator().manual_seed(0)
     vocab = 12
     probs = torch.softmax(torch.randn(7, vocab, generator=gen) * 1.5, -1)
@@ -97,7 +97,7 @@ def test_verify_sampling_first_token_follows_target():
     firsts, seconds_after_3 = [], []
     g = make_generator(1)
     for _ in range(20000):
-        acc = verify_sampling(tree.tokens, tree.parents, probs, g)
+        acc = verify_walk(tree.tokens, tree.parents, lambda node: sample(probs[node], g))
         emitted = [tree.tokens[i] for i in acc.path[1:]] + [acc.bonus_token]
         firsts.append(emitted[0])
         if emitted[0] == 3 and len(emitted) > 1:

@@ -7,9 +7,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specdec.config import SamplingParams
-from specdec.sampling import make_generator, warp_probs
+from specdec.sampling import make_generator, sample, warp_probs
 from specdec.tree import DraftTree, ancestor_matrix, select_nodes, subtree
-from specdec.verify import verify_greedy, verify_sampling
+from specdec.verify import verify_walk
 
 VOCAB = 8
 
@@ -43,7 +43,7 @@ def assert_root_path(tree: DraftTree, path: list[int]) -> None:
 @given(trees(), st.data())
 def test_greedy_path_follows_argmax(tree, data):
     argmax = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=len(tree), max_size=len(tree)))
-    acc = verify_greedy(tree.tokens, tree.parents, argmax)
+    acc = verify_walk(tree.tokens, tree.parents, argmax.__getitem__)
     assert_root_path(tree, acc.path)
     for a, b in zip(acc.path, acc.path[1:]):
         assert tree.tokens[b] == argmax[a]
@@ -56,7 +56,8 @@ def test_greedy_path_follows_argmax(tree, data):
 @given(trees(), st.data(), st.integers(0, 2**31 - 1))
 def test_sampling_path_is_valid_and_bonus_is_possible(tree, data, seed):
     probs = data.draw(prob_tables(len(tree)))
-    acc = verify_sampling(tree.tokens, tree.parents, probs, make_generator(seed))
+    gen = make_generator(seed)
+    acc = verify_walk(tree.tokens, tree.parents, lambda node: sample(probs[node], gen))
     assert_root_path(tree, acc.path)
     for a, b in zip(acc.path, acc.path[1:]):
         assert probs[a, tree.tokens[b]] > 0  # never accepts an impossible token
@@ -73,8 +74,9 @@ def test_sampling_path_is_valid_and_bonus_is_possible(tree, data, seed):
 def test_point_mass_sampling_equals_greedy(tree, data):
     argmax = data.draw(st.lists(st.integers(0, VOCAB - 1), min_size=len(tree), max_size=len(tree)))
     probs = torch.nn.functional.one_hot(torch.tensor(argmax), VOCAB).double()
-    assert verify_sampling(tree.tokens, tree.parents, probs, make_generator(0)) == verify_greedy(
-        tree.tokens, tree.parents, argmax
+    gen = make_generator(0)
+    assert verify_walk(tree.tokens, tree.parents, lambda node: sample(probs[node], gen)) == verify_walk(
+        tree.tokens, tree.parents, argmax.__getitem__
     )
 
 
