@@ -1,9 +1,10 @@
-"""The GPU-run scripts in heads/gpu/ stay runnable: the smoke check passes on the CPU, the
-training and carrying scripts parse and answer --help."""
+"""The GPU scripts in heads/gpu/ stay runnable: the smoke check passes on the CPU, the training
+script parses, answers --help and refuses bad settings before it starts any work."""
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +34,12 @@ def test_train_script_parses_and_has_help():
     assert "BUDGET_S" in out.stdout and "CONV" in out.stdout
 
 
-def test_carry_script_parses_and_has_help():
-    script = ROOT / "heads/gpu/carry.sh"
-    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0
-    out = subprocess.run(["bash", str(script), "--help"], capture_output=True, text=True, timeout=30)
-    assert out.returncode == 0
-    assert all(verb in out.stdout for verb in ("pack", "stash", "setup"))
-    assert subprocess.run(["bash", str(script), "bogus"], capture_output=True, timeout=30).returncode != 0
+def test_train_script_refuses_bad_settings_before_any_work(tmp_path):
+    script = ROOT / "heads/gpu/train.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("CONV", "FITS")}
+    env["WORK"] = str(tmp_path / "work")
+    bogus = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30, cwd=ROOT, env={**env, "FITS": "fspad bogus"})
+    assert bogus.returncode == 2 and "unknown fit bogus" in bogus.stderr
+    no_data = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=30, cwd=ROOT, env=env)
+    assert no_data.returncode != 0 and "CONV" in no_data.stderr
+    assert not (tmp_path / "work").exists()  # nothing was started

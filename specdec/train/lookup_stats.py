@@ -2,9 +2,9 @@
 length of the suffix match that found them.
 
 The acceptance table in `specdec.lookup` (FIRST_TOKEN_PROB, NEXT_TOKEN_PROB) is this command's
-output on the target's own greedy answers to training prompts (the texts `regenerate` answered
-on the lent GPU): at every position of an answer, the index over the prompt and the answer so
-far proposes a chain, which is compared with what the answer really goes on with. Run it on
+output on the target's own greedy answers to 11,266 training prompts (written by
+`specdec train regenerate`): at every position of an answer, the index over the prompt and the
+answer so far proposes a chain, which is compared with what the answer really goes on with. Run it on
 another target's answers to calibrate lookup drafting for that target.
 """
 
