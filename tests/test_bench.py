@@ -11,9 +11,10 @@ from specdec.bench.harness import AR, SPEC, BenchConfig, Divergence, find_diverg
 from specdec.bench.peers import make_peers
 from specdec.bench.report import HISTOGRAM_PNG, SPEEDUP_PNG, markdown_table, write_report
 from specdec.bench.summary import machine_info, summarize
-from specdec.cli import main
+from specdec.bench.data import DEV_QUESTIONS
+from specdec.cli import build_parser, main
 from specdec.config import DEFAULT_PREFIX_CACHE_TOKENS, ConfigError
-from specdec.train.data import Question
+from specdec.train.data import Question, read_questions
 from tests.tiny import CharTokenizer, OracleDrafter, tiny_drafter, tiny_runner
 
 USER, ASSISTANT, PROMPT_END = 58, 59, 60  # ids outside the letters CharTokenizer decodes to
@@ -198,7 +199,7 @@ def test_cli_runs_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
     """The command with its loading swapped for the tiny target (a random head is built for it)."""
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps({"question_id": q.question_id, "category": q.category, "turns": q.turns}) + "\n" for q in QUESTIONS))
-    monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner(5))
+    monkeypatch.setattr("specdec.options.load_runner", lambda args: chat_runner(5))
     out_json, report = tmp_path / "out" / "bench.json", tmp_path / "report"
     argv = ["bench", "--questions", str(questions), "--limit", "1", "--max-new-tokens", "12", "--head", "random"]
     argv += ["--peers", "pld,head", "--json", str(out_json), "--report", str(report), "--top-k", "3", "--depth", "3", "--total-tokens", "6", "--min-prob", "0.01", "--lookup-tokens", "4", "--lookup-alone", "0.8"]
@@ -219,7 +220,7 @@ def test_cli_runs_end_to_end_on_a_tiny_target(tmp_path, monkeypatch, capsys):
 def test_cli_refuses_unknown_peers_and_a_head_peer_without_lookup(tmp_path, monkeypatch, capsys):
     questions = tmp_path / "questions.jsonl"
     questions.write_text("".join(json.dumps({"question_id": q.question_id, "category": q.category, "turns": q.turns}) + "\n" for q in QUESTIONS))
-    monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner(5))
+    monkeypatch.setattr("specdec.options.load_runner", lambda args: chat_runner(5))
     base = ["bench", "--questions", str(questions), "--limit", "1", "--max-new-tokens", "4", "--head", "random"]
     assert main(base + ["--peers", "hf,vllm"]) == 2
     assert "unknown peer(s) vllm; known: hf, pld, head" in capsys.readouterr().err
@@ -233,7 +234,7 @@ def test_cli_per_category_takes_the_first_questions_of_each_category(tmp_path, m
     questions = tmp_path / "questions.jsonl"
     extra = Question("q3", "writing", ["AnotherOne"])
     questions.write_text("".join(json.dumps({"question_id": q.question_id, "category": q.category, "turns": q.turns}) + "\n" for q in [*QUESTIONS, extra]))
-    monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner(5))
+    monkeypatch.setattr("specdec.options.load_runner", lambda args: chat_runner(5))
     out_json = tmp_path / "bench.json"
     argv = ["bench", "--questions", str(questions), "--per-category", "1", "--max-new-tokens", "4", "--head", "random", "--json", str(out_json)]
     assert main(argv) == 0
@@ -252,3 +253,17 @@ def test_every_bench_command_has_help_with_the_activations_option(command, capsy
     out = capsys.readouterr().out
     assert "--activations" in out and "--threads" in out
     assert ("--questions" in out) == (command != "costs")
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["fidelity"], ["train", "evaluate", "--head", "random"], ["train", "agreement", "--head", "h"]])
+def test_question_commands_default_to_the_shipped_dev_set(argv):
+    """A fresh clone runs them without any data beside the checkout."""
+    parser, _ = build_parser()
+    assert parser.parse_args(argv).questions == str(DEV_QUESTIONS)
+
+
+def test_the_shipped_dev_set_is_spec_bench_format():
+    questions, report = read_questions(DEV_QUESTIONS)
+    assert len(questions) == 90 and not report.skipped
+    assert len({q.category for q in questions}) == 13
+    assert all(1 <= len(q.turns) <= 2 for q in questions)

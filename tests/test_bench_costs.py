@@ -20,7 +20,7 @@ def test_shape_parsing():
 
 
 def test_cli_measures_every_size_and_shape(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr("specdec.cli.load_runner", lambda args: tiny_runner(3))
+    monkeypatch.setattr("specdec.options.load_runner", lambda args: tiny_runner(3))
     out = tmp_path / "costs.json"
     argv = ["costs", "--sizes", "4,1,2", "--shapes", "2:2:4,3:3:8", "--context", "12", "--repeats", "2", "--head", "random", "--json", str(out)]
     assert main(argv) == 0
@@ -42,13 +42,13 @@ def test_cli_measures_every_size_and_shape(tmp_path, monkeypatch, capsys):
     ],
 )
 def test_cli_bad_input_exits_2(extra, message, monkeypatch, capsys):
-    monkeypatch.setattr("specdec.cli.load_runner", lambda args: tiny_runner(3))
+    monkeypatch.setattr("specdec.options.load_runner", lambda args: tiny_runner(3))
     assert main(["costs", "--context", "8", *extra]) == 2
     assert message in capsys.readouterr().err
 
 
 def test_default_shapes_start_with_the_default_tree(tmp_path, monkeypatch):
-    monkeypatch.setattr("specdec.cli.load_runner", lambda args: tiny_runner(3))
+    monkeypatch.setattr("specdec.options.load_runner", lambda args: tiny_runner(3))
     out = tmp_path / "costs.json"
     assert main(["costs", "--sizes", "1", "--context", "8", "--repeats", "1", "--head", "random", "--json", str(out)]) == 0
     shapes = list(json.loads(out.read_text())["propose_ms"])

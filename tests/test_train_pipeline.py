@@ -392,7 +392,7 @@ def test_lookup_stats_command_reads_conversations(tmp_path, monkeypatch, capsys)
     from specdec.cli import main
 
     write_conversations(tmp_path / "conv.jsonl", n=6, bad_lines=1)
-    monkeypatch.setattr("specdec.cli.load_runner", lambda args: chat_runner())
+    monkeypatch.setattr("specdec.options.load_runner", lambda args: chat_runner())
     assert main(["train", "lookup-stats", "--data", str(tmp_path / "conv.jsonl"), "--chain", "3", "--json", str(tmp_path / "out.json")]) == 0
     result = json.loads((tmp_path / "out.json").read_text())
     assert result["conversations"] == 6 and result["skipped_lines"] == 1

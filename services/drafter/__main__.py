@@ -17,7 +17,7 @@ from services.drafter.settings import DrafterSettings, parse_settings
 from services.rpc import CHANNEL_OPTIONS
 from services.rpc import drafter_pb2 as pb
 from services.rpc import drafter_pb2_grpc as pb_grpc
-from specdec.cli import DTYPES
+from specdec.options import DTYPES
 from specdec.config import ConfigError
 from specdec.drafter import HeadDrafter, load_head_drafter
 from specdec.target import TargetRunner

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from specdec.backoff import BackoffConfig
-from specdec.cli import DTYPES
+from specdec.options import DTYPES
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import Drafter, load_head_drafter
 from specdec.generate import Generation

@@ -9,14 +9,13 @@ from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Callable
 
+from specdec import options
 from specdec.config import DEFAULT_PREFIX_CACHE_TOKENS, ConfigError
 
 HEAD_ALONE = "head"  # the --peers name of our speculative path without lookup drafting
 
 
 def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
-    from specdec.cli import add_backoff_args, add_model_args, add_tree_args
-
     p = sub.add_parser(
         "bench",
         help="Spec-Bench speed: plain vs speculative (and peers) on the same runner",
@@ -24,9 +23,7 @@ def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
         "(and Hugging Face peers when asked); print tau, tokens/s and speedup per category. "
         "Exits 1 if greedy speculative output differs from plain output anywhere but at a near-tie.",
     )
-    p.add_argument("--questions", required=True, help="Spec-Bench JSONL: question_id, category, turns")
-    p.add_argument("--limit", type=int, default=None, help="use the first N questions")
-    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
+    options.add_question_args(p, "every turn is answered")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per turn at most")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; sampled runs compare our paths at the same seed")
     p.add_argument("--seed", type=int, default=0, help="base sampling seed (turn i uses seed + i)")
@@ -48,14 +45,13 @@ def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--near-tie", type=float, default=1e-4, help="top-2 logit margin below which a mismatch is a float near-tie")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and PNG plots here")
-    add_model_args(p)
-    add_tree_args(p)
-    add_backoff_args(p)
+    options.add_model_args(p)
+    options.add_tree_args(p)
+    options.add_backoff_args(p)
     return run_bench_command
 
 
 def run_bench_command(args: argparse.Namespace) -> int:
-    import specdec.cli as cli
     from specdec.bench.harness import BenchConfig, run_bench
     from specdec.bench.peers import PEER_NAMES, make_peers
     from specdec.bench.report import markdown_table, write_report
@@ -76,14 +72,14 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"--prefix-cache-tokens must be >= 0, got {args.prefix_cache_tokens}")
     config = BenchConfig(
         args.max_new_tokens, args.temperature, args.seed, args.warmup_tokens, args.near_tie, args.prefix_cache_tokens,
-        cli.backoff_from_args(args),
+        options.backoff_from_args(args),
     )
-    tree = cli.tree_from_args(args)
+    tree = options.tree_from_args(args)
     peer_names = list(dict.fromkeys(n.strip() for n in args.peers.split(",") if n.strip()))
     unknown = [n for n in peer_names if n not in (*PEER_NAMES, HEAD_ALONE)]
     if unknown:
         raise ConfigError(f"unknown peer(s) {', '.join(unknown)}; known: {', '.join((*PEER_NAMES, HEAD_ALONE))}")
-    runner = cli.load_runner(args)
+    runner = options.load_runner(args)
     drafter = load_head_drafter(runner, args.head, tree)
     variants = {}
     if HEAD_ALONE in peer_names:

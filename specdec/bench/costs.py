@@ -19,6 +19,7 @@ from typing import Callable, Sequence
 import torch
 from tqdm import tqdm
 
+from specdec import options
 from specdec.config import ConfigError, TreeConfig
 from specdec.drafter import HeadDrafter
 from specdec.target import TargetRunner
@@ -87,8 +88,6 @@ def parse_shape(text: str) -> TreeConfig:
 
 
 def costs_parser(sub) -> Callable[[argparse.Namespace], int]:
-    from specdec.cli import add_model_args
-
     p = sub.add_parser(
         "costs",
         help="this machine's cost curve: target forward ms by tree size (greedy and sampled), proposal ms by tree shape",
@@ -105,13 +104,12 @@ def costs_parser(sub) -> Callable[[argparse.Namespace], int]:
     p.add_argument("--repeats", type=int, default=9, help="timed calls per point (the median is reported)")
     p.add_argument("--head", default=None, help="draft head directory, or 'random' (default: the shipped FSPAD head)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the curve here")
-    add_model_args(p)
+    options.add_model_args(p)
     return run_costs
 
 
 def run_costs(args: argparse.Namespace) -> int:
     from specdec.bench.summary import machine_info
-    from specdec.cli import load_runner
     from specdec.drafter import load_head_drafter
 
     try:
@@ -123,7 +121,7 @@ def run_costs(args: argparse.Namespace) -> int:
         raise ConfigError(f"--sizes must be positive integers, got {args.sizes!r}")
     if args.context < 1 or args.repeats < 1:
         raise ConfigError("--context and --repeats must be at least 1")
-    runner = load_runner(args)
+    runner = options.load_runner(args)
     if args.context + max(sizes) > runner.max_length:
         raise ConfigError(f"--context plus the largest size exceeds the model's {runner.max_length} positions")
     drafter = load_head_drafter(runner, args.head, shapes[0] if shapes else TreeConfig())

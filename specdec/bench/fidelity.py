@@ -16,9 +16,10 @@ import statistics
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
+from specdec import options
 from specdec.config import ConfigError, SamplingParams, StopConfig
 
-if TYPE_CHECKING:  # the command line imports this module; torch and the model load lazily
+if TYPE_CHECKING:  # the command line imports this module; the model loads lazily
     from specdec.target import TargetRunner
     from specdec.train.data import Question
 
@@ -68,25 +69,20 @@ def compare_runners(
 
 
 def fidelity_parser(sub) -> Callable[[argparse.Namespace], int]:
-    from specdec.cli import add_model_args
-
     p = sub.add_parser(
         "fidelity",
         help="how much --activations int8 changes the default target's greedy answers",
         description=__doc__.split("\n\n")[1],
     )
-    p.add_argument("--questions", required=True, help="Spec-Bench JSONL: question_id, category, turns (first turns are used)")
-    p.add_argument("--limit", type=int, default=None, help="use the first N questions")
-    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
+    options.add_question_args(p, "the first turn of each is answered")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per answer at most")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
-    add_model_args(p)
+    options.add_model_args(p)
     p.set_defaults(activations="int8")
     return run_fidelity
 
 
 def run_fidelity(args: argparse.Namespace) -> int:
-    from specdec.cli import load_runner
     from specdec.target import TargetRunner
     from specdec.train.data import select_questions
 
@@ -97,7 +93,7 @@ def run_fidelity(args: argparse.Namespace) -> int:
     questions, _ = select_questions(args.questions, args.limit, args.per_category)
     if not questions:
         raise ConfigError(f"no valid questions in {args.questions}")
-    other = load_runner(args)
+    other = options.load_runner(args)
     reference = TargetRunner.load(args.model, other.dtype, args.device, "float32")
     result = compare_runners(reference, other, questions, args.max_new_tokens, progress=True)
     result["config"] = {"questions_file": str(args.questions), "max_new_tokens": args.max_new_tokens, "activations": args.activations}

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
+from specdec import options
 from specdec.config import ConfigError
 
 
@@ -16,18 +17,6 @@ def default_cache_root() -> Path:
     from specdec.target import converted_cache_dir
 
     return converted_cache_dir().parent.parent / "train"
-
-
-def _model_args(p: argparse.ArgumentParser) -> None:
-    from specdec.cli import add_model_args
-
-    add_model_args(p)
-
-
-def _runner(args: argparse.Namespace):
-    from specdec.cli import load_runner
-
-    return load_runner(args)
 
 
 def _print(result: dict, json_out: str | None = None) -> int:
@@ -39,13 +28,6 @@ def _print(result: dict, json_out: str | None = None) -> int:
     return 0
 
 
-def _question_args(p: argparse.ArgumentParser, questions_help: str) -> None:
-    """Which Spec-Bench-format questions a command runs over (see `select_questions`)."""
-    p.add_argument("--questions", required=True, help=questions_help)
-    p.add_argument("--limit", type=int, default=None, help="use the first N valid questions")
-    p.add_argument("--per-category", type=int, default=None, help="use only the first N questions of each category")
-
-
 def _extract(sub) -> None:
     p = sub.add_parser("extract", help="store token ids, assistant masks and target features of conversations")
     p.add_argument("--data", required=True, help="conversations JSONL (OpenAI messages format)")
@@ -53,12 +35,12 @@ def _extract(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N valid conversations")
     p.add_argument("--max-len", type=int, default=768, help="truncate conversations to this many tokens")
     p.add_argument("--shard-size", type=int, default=64, help="conversations per shard (the unit of resuming)")
-    _model_args(p)
+    options.add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from specdec.train.extract import extract
 
-        return _print(extract(_runner(args), args.data, args.out, args.limit, args.max_len, args.shard_size))
+        return _print(extract(options.load_runner(args), args.data, args.out, args.limit, args.max_len, args.shard_size))
 
     p.set_defaults(train_handler=run)
 
@@ -79,12 +61,12 @@ def _regenerate(sub) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy answers, else sampled")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--shard-size", type=int, default=64, help="conversations per shard (the unit of resuming)")
-    _model_args(p)
+    options.add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from specdec.train.regenerate import regenerate
 
-        runner = _runner(args)
+        runner = options.load_runner(args)
         return _print(
             regenerate(
                 runner, args.data, args.out, args.limit, args.max_new_tokens, args.max_prompt,
@@ -103,13 +85,13 @@ def _prompts(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, help="longest prompt; longer samples are dropped")
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (> 0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
-    _model_args(p)
+    options.add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from specdec.train.prompts import write_prompts
 
         return _print(
-            write_prompts(_runner(args), args.out, args.batches, args.batch_size, args.max_new_tokens, args.temperature, args.seed)
+            write_prompts(options.load_runner(args), args.out, args.batches, args.batch_size, args.max_new_tokens, args.temperature, args.seed)
         )
 
     p.set_defaults(train_handler=run)
@@ -149,13 +131,13 @@ def _vocab(sub) -> None:
     p = sub.add_parser("vocab", help="choose the draft vocabulary (most frequent assistant tokens) and write d2t")
     _vocab_sources(p)
     p.add_argument("--out", default=None, help="vocab file (default: CACHE/vocab.safetensors of the first cache)")
-    _model_args(p)
+    options.add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from specdec.train.cache import VOCAB_FILE, target_fingerprint
         from specdec.train.vocab import choose_vocab, save_vocab
 
-        runner = _runner(args)
+        runner = options.load_runner(args)
         sequences = _load_caches(runner, args.cache)
         extra = _count_data(runner, args.data)
         d2t, coverage = choose_vocab(sequences, args.size, runner.vocab_size, runner.eos_token_ids, extra)
@@ -179,13 +161,13 @@ def _shrink(sub) -> None:
     p.add_argument("--head", required=True, help="trained head directory")
     _vocab_sources(p)
     p.add_argument("--out", required=True, help="directory for the copy (may be --head itself)")
-    _model_args(p)
+    options.add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from specdec.drafter import load_head
         from specdec.train.vocab import choose_vocab
 
-        runner = _runner(args)
+        runner = options.load_runner(args)
         head = load_head(runner, args.head)
         sequences = _load_caches(runner, args.cache)
         extra = _count_data(runner, args.data)
@@ -235,7 +217,7 @@ def _fit(sub) -> None:
         default=0,
         help="profile this many steps (after one warm-up step) into OUT/profile.txt: ops by self CPU and CUDA time",
     )
-    _model_args(p)
+    options.add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from specdec.train.cache import VOCAB_FILE, target_fingerprint
@@ -246,7 +228,7 @@ def _fit(sub) -> None:
             raise ConfigError("the ablation switches apply to --variant fspad")
         if args.unroll < 1:
             raise ConfigError(f"--unroll must be at least 1, got {args.unroll}")
-        runner = _runner(args)
+        runner = options.load_runner(args)
         sequences = _load_caches(runner, args.cache)
         d2t = load_vocab(args.vocab or Path(args.cache[0]) / VOCAB_FILE, target_fingerprint(runner), runner.vocab_size)
         on = args.variant == "fspad"
@@ -271,27 +253,24 @@ def _fit(sub) -> None:
 
 
 def _evaluate(sub) -> None:
-    from specdec.cli import add_tree_args
-
     p = sub.add_parser("evaluate", help="tau of a head on Spec-Bench-format questions (overall, per category, by depth)")
     p.add_argument("--head", required=True, help="head directory, or 'random'")
-    _question_args(p, "Spec-Bench-format JSONL (question_id, category, turns)")
+    options.add_question_args(p, "every turn is answered, each seeing the earlier answers")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--max-new-tokens", type=int, default=128, help="tokens per turn at most")
     p.add_argument("--seed", type=int, default=0, help="sampling seed")
     p.add_argument("--json", default=None, help="write the result here; finished questions go to OUT.progress.jsonl (resumable)")
-    _model_args(p)
-    add_tree_args(p)
+    options.add_model_args(p)
+    options.add_tree_args(p)
 
     def run(args: argparse.Namespace) -> int:
-        from specdec.cli import tree_from_args
         from specdec.drafter import load_head_drafter
         from specdec.train.data import select_questions
         from specdec.train.evaluate import evaluate
 
         questions, report = select_questions(args.questions, args.limit, args.per_category)
-        runner = _runner(args)
-        drafter = load_head_drafter(runner, args.head, tree_from_args(args))
+        runner = options.load_runner(args)
+        drafter = load_head_drafter(runner, args.head, options.tree_from_args(args))
         progress = f"{args.json}.progress.jsonl" if args.json else None
         result = {"head": args.head, "skipped_lines": len(report.skipped)}
         result.update(evaluate(runner, drafter, questions, args.temperature, args.max_new_tokens, args.seed, progress))
@@ -303,11 +282,11 @@ def _evaluate(sub) -> None:
 def _agreement(sub) -> None:
     p = sub.add_parser("agreement", help="teacher-forced top-1/top-k agreement of a head with the target's greedy answers")
     p.add_argument("--head", required=True, help="head directory")
-    _question_args(p, "Spec-Bench-format JSONL; the first turn of each is answered")
+    options.add_question_args(p, "the first turn of each is answered")
     p.add_argument("--max-new-tokens", type=int, default=64, help="answer length per question")
     p.add_argument("--top-k", type=int, default=6, help="drafts per position that count as a hit")
     p.add_argument("--json", default=None, help="also write the result here")
-    _model_args(p)
+    options.add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from specdec.drafter import load_head
@@ -315,7 +294,7 @@ def _agreement(sub) -> None:
         from specdec.train.data import select_questions
 
         questions, report = select_questions(args.questions, args.limit, args.per_category)
-        runner = _runner(args)
+        runner = options.load_runner(args)
         head = load_head(runner, args.head).eval()
         result = {"head": args.head, "skipped_lines": len(report.skipped)}
         result.update(agreement(runner, head, questions, args.max_new_tokens, args.top_k))
@@ -332,7 +311,7 @@ def _lookup_stats(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="use the first N valid conversations")
     p.add_argument("--chain", type=int, default=8, help="chain length to score")
     p.add_argument("--json", default=None, help="also write the result here")
-    _model_args(p)
+    options.add_model_args(p)
 
     def run(args: argparse.Namespace) -> int:
         from specdec.train.data import read_conversations
@@ -343,7 +322,7 @@ def _lookup_stats(sub) -> None:
         conversations, report = read_conversations(args.data, args.limit)
         if report.skipped:
             print(f"skipped {len(report.skipped)} malformed lines of {args.data}", file=sys.stderr)
-        runner = _runner(args)
+        runner = options.load_runner(args)
         stats = chain_stats(conversation_pairs(runner, conversations, progress=True), args.chain)
         return _print({"conversations": len(conversations), "skipped_lines": len(report.skipped), "by_match": summarize(stats)}, args.json)
 
