@@ -2,7 +2,7 @@
 one at a time; prints per-request figures and a JSON summary (tokens/s and tau as the server
 measured them, plus wall-clock tokens/s).
 
-    python deploy/bench_api.py --base http://127.0.0.1:8000 --questions ../shared/data/eval/spec_bench_dev.jsonl -n 5
+    python deploy/bench_api.py --base http://127.0.0.1:8000 -n 5
 """
 
 from __future__ import annotations
@@ -14,11 +14,17 @@ import time
 
 import httpx
 
+from specdec.bench.data import DEV_QUESTIONS
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base", default="http://127.0.0.1:8000", help="verifier base URL")
-    parser.add_argument("--questions", required=True, help="Spec-Bench style JSONL (first turn of each question is sent)")
+    parser.add_argument(
+        "--questions",
+        default=str(DEV_QUESTIONS),
+        help="Spec-Bench style JSONL, the first turn of each question is sent (default: benchmarks/data/spec_bench_dev.jsonl)",
+    )
     parser.add_argument("-n", type=int, default=5, help="questions to send (the first n)")
     parser.add_argument("--max-tokens", type=int, default=64)
     args = parser.parse_args()

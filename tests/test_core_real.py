@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
 
 from specdec.backoff import BackoffConfig
+from specdec.bench.data import DEV_QUESTIONS
 from specdec.config import SamplingParams, StopConfig, TreeConfig
 from specdec.drafter import load_head_drafter
 from specdec.generate import Generation
@@ -19,9 +18,6 @@ from specdec.target import TargetRunner
 
 pytestmark = pytest.mark.real
 
-# The dev set lives in ../shared beside the checkout (CI's layout); SPECDEC_SHARED_DIR points elsewhere.
-SHARED = Path(os.environ.get("SPECDEC_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
-DEV_SET = SHARED / "data" / "eval" / "spec_bench_dev.jsonl"
 NEAR_TIE = 1e-4  # float32 top-2 logit margin below which a tree/plain difference is arithmetic
 
 
@@ -32,9 +28,8 @@ def runner() -> TargetRunner:
 
 def dev_prompts(count: int) -> list[str]:
     """First turns of `count` dev questions from distinct categories."""
-    assert DEV_SET.is_file(), f"dev set not found at {DEV_SET}: set SPECDEC_SHARED_DIR to the shared folder"
     seen, prompts = set(), []
-    for line in DEV_SET.read_text().splitlines():
+    for line in DEV_QUESTIONS.read_text().splitlines():
         q = json.loads(line)
         if q["category"] not in seen:
             seen.add(q["category"])
@@ -151,7 +146,7 @@ def test_fidelity_compares_int8_answers_with_float32_ones(runner, int8_runner, t
     from specdec.bench.fidelity import compare_runners
     from specdec.train.data import select_questions
 
-    questions, _ = select_questions(DEV_SET, limit=3)
+    questions, _ = select_questions(DEV_QUESTIONS, limit=3)
     same = compare_runners(runner, runner, questions, 12)
     assert same["identical"] == same["questions"] == 3 and same["median_first_difference"] is None
     result = compare_runners(runner, int8_runner, questions, 12)
@@ -160,10 +155,12 @@ def test_fidelity_compares_int8_answers_with_float32_ones(runner, int8_runner, t
         assert row["identical"] == (row["first_difference"] is None)
         assert row["identical"] or (0 <= row["first_difference"] <= row["tokens"] and row["margin"] >= 0)
     out = tmp_path / "fidelity.json"
-    cmd = [sys.executable, "-m", "specdec.cli", "fidelity", "--questions", str(DEV_SET), "--limit", "2"]
+    cmd = [sys.executable, "-m", "specdec.cli", "fidelity", "--limit", "2"]  # the shipped dev set by default
     proc = subprocess.run(cmd + ["--max-new-tokens", "6", "--json", str(out)], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "identical answers" in proc.stdout and json.loads(out.read_text())["questions"] == 2
+    written = json.loads(out.read_text())
+    assert "identical answers" in proc.stdout and written["questions"] == 2
+    assert written["config"]["questions_file"] == str(DEV_QUESTIONS)
 
 
 def test_int8_activations_need_the_gguf_target():
@@ -172,7 +169,7 @@ def test_int8_activations_need_the_gguf_target():
     with pytest.raises(ConfigError, match="activations must be one of"):
         TargetRunner.load(activations="int4")
     proc = subprocess.run(
-        [sys.executable, "-m", "specdec.cli", "fidelity", "--questions", str(DEV_SET), "--activations", "float32"],
+        [sys.executable, "-m", "specdec.cli", "fidelity", "--activations", "float32"],
         capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 2 and "compare the float32 runner with itself" in proc.stderr
