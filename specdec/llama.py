@@ -17,6 +17,7 @@ transformers' forward to float rounding (tested).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -199,43 +200,79 @@ class LeanLlama(nn.Module):
         attends over slots 0..start+n-1. mask: bool [n, start+n] (True = may attend), or None
         for causal attention among the new tokens (with everything before them visible).
         Returns the final-norm hidden states [n, d]."""
-        n = ids.shape[0]
-        end = start + n
-        cache.reserve(end)
+        return self.forward_batch([Segment(ids, positions, cache, start, mask)])
+
+    def forward_batch(self, segments: Sequence[Segment]) -> torch.Tensor:
+        """`forward` for the new tokens of many sequences in one pass: every projection and the
+        MLP run over all their rows at once (one read of the weights for the whole batch), the
+        attention of each sequence over its own cache with its own mask. Returns the final-norm
+        hidden states of all rows, [sum of n, d], in segment order. On the C++ decoder stack a
+        row's result is bit for bit what `forward` gives for its sequence alone."""
+        for seg in segments:
+            seg.cache.reserve(seg.start + seg.ids.shape[0])
+        ids = torch.cat([seg.ids for seg in segments]) if len(segments) > 1 else segments[0].ids
+        positions = torch.cat([seg.positions for seg in segments]) if len(segments) > 1 else segments[0].positions
         stack = self._stack
-        if stack is not None and n <= stack.max_rows and ids.device.type == "cpu":
+        if stack is not None and ids.device.type == "cpu" and all(seg.ids.shape[0] <= stack.max_rows for seg in segments):
             x = stack.kernel.decoder_forward(
-                self.embed(ids).contiguous(), cache.data, start, self.cos[positions], self.sin[positions], mask,
+                self.embed(ids).contiguous(), [seg.cache.data for seg in segments], [seg.start for seg in segments],
+                [seg.ids.shape[0] for seg in segments], [seg.mask for seg in segments], self.cos[positions], self.sin[positions],
                 stack.norms, stack.blocks, stack.q4, self.heads, self.kv_heads, self.scale, stack.eps, stack.int8_activations,
             )
             return self.norm(x)
         cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [n, 1, hd]
-        causal = mask is None and n > 1
-        if causal and start:
-            mask = torch.ones(n, end, dtype=torch.bool, device=ids.device).tril(start)
-            causal = False
         hq, hk, hd = self.heads, self.kv_heads, self.head_dim
+        n = ids.shape[0]
         x = self.embed(ids)
-        kv = cache.data
+        bounds = [0]
+        for seg in segments:
+            bounds.append(bounds[-1] + seg.ids.shape[0])
+        masks = [_attention_mask(seg) for seg in segments]
         for i, layer in enumerate(self.layers):
             qkv = layer.qkv(layer.input_norm(x)).view(n, hq + 2 * hk, hd)
             qk, v = qkv.split([hq + hk, hk], dim=1)
             q, k = (qk * cos + _rotate_half(qk) * sin).split([hq, hk], dim=1)  # rotary on q and k at once
-            kv[i, 0, :, start:end] = k.transpose(0, 1)
-            kv[i, 1, :, start:end] = v.transpose(0, 1)
-            out = F.scaled_dot_product_attention(
-                q.transpose(0, 1)[None],
-                kv[i, 0, :, :end][None],
-                kv[i, 1, :, :end][None],
-                attn_mask=mask,
-                is_causal=causal,
-                scale=self.scale,
-                enable_gqa=hq != hk,
-            )
-            x = x + layer.o(out[0].transpose(0, 1).reshape(n, hq * hd))
+            outs = []
+            for seg, lo, hi, (mask, causal) in zip(segments, bounds, bounds[1:], masks):
+                kv, start, end = seg.cache.data, seg.start, seg.start + hi - lo
+                kv[i, 0, :, start:end] = k[lo:hi].transpose(0, 1)
+                kv[i, 1, :, start:end] = v[lo:hi].transpose(0, 1)
+                out = F.scaled_dot_product_attention(
+                    q[lo:hi].transpose(0, 1)[None],
+                    kv[i, 0, :, :end][None],
+                    kv[i, 1, :, :end][None],
+                    attn_mask=mask,
+                    is_causal=causal,
+                    scale=self.scale,
+                    enable_gqa=hq != hk,
+                )
+                outs.append(out[0].transpose(0, 1).reshape(hi - lo, hq * hd))
+            x = x + layer.o(torch.cat(outs) if len(outs) > 1 else outs[0])
             gate, up = layer.gate_up(layer.post_norm(x)).chunk(2, dim=-1)
             x = x + layer.down(F.silu(gate) * up)
         return self.norm(x)
+
+
+@dataclass
+class Segment:
+    """One sequence's part of a batched forward: its new tokens and their positions [n], the
+    cache slots start..start+n-1 they are written to, and their mask (see `LeanLlama.forward`)."""
+
+    ids: torch.Tensor
+    positions: torch.Tensor
+    cache: KVCache
+    start: int
+    mask: torch.Tensor | None
+
+
+def _attention_mask(seg: Segment) -> tuple[torch.Tensor | None, bool]:
+    """(attn_mask, is_causal) for scaled_dot_product_attention over a segment's visible slots."""
+    n = seg.ids.shape[0]
+    if seg.mask is not None or n == 1:
+        return seg.mask, False
+    if seg.start:
+        return torch.ones(n, seg.start + n, dtype=torch.bool, device=seg.ids.device).tril(seg.start), False
+    return None, True
 
 
 def _match(quant: QuantWeight | None, weight: torch.Tensor) -> QuantWeight | None:

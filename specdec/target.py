@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from specdec.config import ACTIVATIONS, ConfigError, SamplingParams
 from specdec.gguf_linear import GGUFLinear, kernel, read_gguf_weights
-from specdec.llama import KVCache, LeanLlama
+from specdec.llama import KVCache, LeanLlama, Segment
 from specdec.sampling import sample, warp_probs
 from specdec.tree import DraftTree, tree_attention_mask
 
@@ -98,7 +98,7 @@ class SequenceState:
 
 
 class TargetRunner:
-    """Runs the target for one or many sequences, one sequence per call."""
+    """Runs the target for one sequence or a batch of them per call."""
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, name: str = "target"):
         self.model = model
@@ -205,15 +205,31 @@ class TargetRunner:
         With logits=False the LM head is skipped and the logits are None (greedy decoding asks
         `greedy_tokens` for the argmax instead). The nodes' KV entries stay provisional until `commit`.
         """
-        if state.pending:
-            raise RuntimeError("commit the previous tree before verifying another")
-        n, past = len(tree), state.length
-        ids = torch.tensor(tree.tokens, device=self.device)
-        positions = torch.tensor(tree.depths(), device=self.device) + past
-        mask = None if n == 1 else tree_attention_mask(tree.parents, past, self.device)
-        hidden = self.lean(ids, positions, state.cache, past, mask)
-        state.pending = n
+        hidden = self.forward_trees([state], [tree])[0]
         return (self.lean.lm_head(hidden) if logits else None), hidden
+
+    @torch.inference_mode()
+    def forward_trees(self, states: Sequence[SequenceState], trees: Sequence[DraftTree]) -> list[torch.Tensor]:
+        """`forward_tree` for many sequences in one target forward (continuous batching): each
+        tree at its own sequence's positions, against its own KV cache and ancestor mask, with no
+        padding between trees. Returns each tree's features [n_i, d] (no LM head)."""
+        if len(states) != len(trees) or not trees:
+            raise ValueError("forward_trees needs one tree per state, and at least one")
+        if len({id(state) for state in states}) != len(states):
+            raise ValueError("a sequence can verify one tree per forward")
+        segments = []
+        for state, tree in zip(states, trees):
+            if state.pending:
+                raise RuntimeError("commit the previous tree before verifying another")
+            past = state.length
+            ids = torch.tensor(tree.tokens, device=self.device)
+            positions = torch.tensor(tree.depths(), device=self.device) + past
+            mask = None if len(tree) == 1 else tree_attention_mask(tree.parents, past, self.device)
+            segments.append(Segment(ids, positions, state.cache, past, mask))
+        hidden = self.lean.forward_batch(segments)
+        for state, tree in zip(states, trees):
+            state.pending = len(tree)
+        return list(hidden.split([len(tree) for tree in trees]))
 
     @torch.inference_mode()
     def greedy_tokens(self, features: torch.Tensor) -> list[int]:
@@ -221,8 +237,19 @@ class TargetRunner:
         exactly as from forward_tree's logits; about half the LM head's cost on a GGUF's Q8_0
         head (`GGUFLinear.argmax`)."""
         head = self.lean.lm_head
-        ids = head.argmax(features) if isinstance(head, GGUFLinear) else head(features).argmax(-1)
-        return ids.tolist()
+        if not isinstance(head, GGUFLinear):
+            return head(features).argmax(-1).tolist()
+        return [t for piece in features.split(head.max_rows) for t in head.argmax(piece).tolist()]
+
+    @torch.inference_mode()
+    def logits(self, features: torch.Tensor) -> torch.Tensor:
+        """The LM head over rows of features. On GGUF blocks, in pieces the blocks' kernel takes
+        (beyond them it runs on float32 weights, rounding differently): a row's logits are the
+        same bits whatever rows share the call, so a batch samples exactly as each row alone."""
+        head = self.lean.lm_head
+        if not isinstance(head, GGUFLinear) or features.shape[0] <= head.max_rows:
+            return head(features)
+        return torch.cat([head(piece) for piece in features.split(head.max_rows)])
 
     @torch.inference_mode()
     def token_after(self, features: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Callable[[int], int]:
@@ -231,10 +258,30 @@ class TargetRunner:
         every row at once (one pass over its weights for all rows costs less than a pass per
         row): greedy, their argmax; sampled, their logits, of which a row is warped and drawn
         from only when the walk reaches it (the root and the accepted nodes)."""
-        if params.greedy:
-            return self.greedy_tokens(features).__getitem__
-        logits = self.lean.lm_head(features)
-        return lambda row: sample(warp_probs(logits[row], params), generator)
+        return self.tokens_after([features], [params], [generator])[0]
+
+    @torch.inference_mode()
+    def tokens_after(
+        self, features: Sequence[torch.Tensor], params: Sequence[SamplingParams], generators: Sequence[torch.Generator]
+    ) -> list[Callable[[int], int]]:
+        """`token_after` for many sequences' rows, with one LM head pass for all greedy rows and
+        one for all sampled rows of the batch (each row's result does not depend on the others)."""
+        pickers: list[Callable[[int], int] | None] = [None] * len(features)
+        for greedy in (True, False):
+            which = [i for i, p in enumerate(params) if p.greedy == greedy]
+            if not which:
+                continue
+            rows = torch.cat([features[i] for i in which]) if len(which) > 1 else features[which[0]]
+            sizes = [features[i].shape[0] for i in which]
+            if greedy:
+                ids = self.greedy_tokens(rows)
+                offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+                for i, offset, size in zip(which, offsets, sizes):
+                    pickers[i] = ids[offset : offset + size].__getitem__
+            else:
+                for i, logits in zip(which, self.logits(rows).split(sizes)):
+                    pickers[i] = _sampler(logits, params[i], generators[i])
+        return pickers  # type: ignore[return-value]
 
     @torch.inference_mode()
     def commit(self, state: SequenceState, path: Sequence[int]) -> None:
@@ -248,3 +295,8 @@ class TargetRunner:
         if list(path) != list(range(keep)):
             state.cache.keep(past, torch.tensor(list(path), device=self.device) + past)
         state.length, state.pending = past + keep, 0
+
+
+def _sampler(logits: torch.Tensor, params: SamplingParams, generator: torch.Generator) -> Callable[[int], int]:
+    """Row -> a token drawn from that row of `logits`, warped by `params`."""
+    return lambda row: sample(warp_probs(logits[row], params), generator)

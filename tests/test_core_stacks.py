@@ -182,12 +182,19 @@ def test_stack_refuses_bad_arguments():
     x = lean.embed(torch.arange(3))
     cos, sin = lean.cos[:3], lean.sin[:3]
     args = (stack.norms, stack.blocks, stack.q4, lean.heads, lean.kv_heads, lean.scale, stack.eps, stack.int8_activations)
+    def call(starts, rows, masks, *rest):
+        return stack.kernel.decoder_forward(x.clone(), [cache.data] * len(starts), starts, rows, masks, cos, sin, *rest)
+
     with pytest.raises(RuntimeError, match="too small"):
-        stack.kernel.decoder_forward(x.clone(), cache.data, 2, cos, sin, None, *args)
+        call([2], [3], [None], *args)
     with pytest.raises(RuntimeError, match="mask"):
-        stack.kernel.decoder_forward(x.clone(), cache.data, 0, cos, sin, torch.ones(3, 2, dtype=torch.bool), *args)
+        call([0], [3], [torch.ones(3, 2, dtype=torch.bool)], *args)
     with pytest.raises(RuntimeError, match="per layer"):
-        stack.kernel.decoder_forward(x.clone(), cache.data, 0, cos, sin, None, stack.norms[:2], *args[1:])
+        call([0], [3], [None], stack.norms[:2], *args[1:])
+    with pytest.raises(RuntimeError, match="add up"):
+        call([0, 0], [1, 1], [None, None], *args)
+    with pytest.raises(RuntimeError, match="per sequence"):
+        call([0], [3], [None, None], *args)
 
 
 def test_head_step_with_int8_activations_stays_close_to_float_activations():

@@ -10,10 +10,11 @@
 
 namespace specdec {
 
-torch::Tensor decoder_forward(torch::Tensor x, torch::Tensor kv, int64_t start, torch::Tensor cos, torch::Tensor sin,
-                              std::optional<torch::Tensor> mask, std::vector<torch::Tensor> norms,
-                              std::vector<torch::Tensor> blocks, std::vector<bool> q4, int64_t heads, int64_t kv_heads,
-                              double scale, double eps, bool int8_activations);
+torch::Tensor decoder_forward(torch::Tensor x, std::vector<torch::Tensor> kvs, std::vector<int64_t> starts,
+                              std::vector<int64_t> rows, std::vector<std::optional<torch::Tensor>> masks, torch::Tensor cos,
+                              torch::Tensor sin, std::vector<torch::Tensor> norms, std::vector<torch::Tensor> blocks,
+                              std::vector<bool> q4, int64_t heads, int64_t kv_heads, double scale, double eps,
+                              bool int8_activations);
 
 std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::Tensor features, torch::Tensor kv, int64_t start,
                                                      torch::Tensor cos, torch::Tensor sin, std::optional<torch::Tensor> mask,
