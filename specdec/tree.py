@@ -17,14 +17,19 @@ import torch
 
 @dataclass(frozen=True)
 class DraftTree:
-    """tokens[i] is node i's token id; parents[i] its parent index (-1 for the root)."""
+    """tokens[i] is node i's token id; parents[i] its parent index (-1 for the root); scores[i],
+    when the drafter gives them, node i's cumulative draft log-probability (the root's is 0): what
+    `specdec.budget` reads to verify only a tree's most promising nodes when rows are dear."""
 
     tokens: list[int]
     parents: list[int]
+    scores: list[float] | None = None
 
     def __post_init__(self) -> None:
         if len(self.tokens) != len(self.parents) or not self.tokens:
             raise ValueError("a tree needs as many parents as tokens, and a root")
+        if self.scores is not None and len(self.scores) != len(self.tokens):
+            raise ValueError("a tree's scores need one entry per node")
         if self.parents[0] != -1:
             raise ValueError("node 0 must be the root (parent -1)")
         for i, p in enumerate(self.parents[1:], start=1):
@@ -83,8 +88,8 @@ class CandidateTree:
         return max(min_score, heapq.nlargest(keep, self.scores[1:])[-1])
 
     def select(self, total_tokens: int, min_score: float = -math.inf) -> DraftTree:
-        """The tree of the nodes `select_nodes` keeps."""
-        return subtree(self.tokens, self.parents, select_nodes(self.parents, self.scores, total_tokens, min_score))
+        """The tree of the nodes `select_nodes` keeps, with their scores."""
+        return subtree(self.tokens, self.parents, select_nodes(self.parents, self.scores, total_tokens, min_score), self.scores)
 
 
 def ancestor_matrix(parents: Sequence[int]) -> torch.Tensor:
@@ -126,10 +131,33 @@ def select_nodes(
     return kept
 
 
-def subtree(tokens: Sequence[int], parents: Sequence[int], kept: Sequence[int]) -> DraftTree:
+def subtree(
+    tokens: Sequence[int], parents: Sequence[int], kept: Sequence[int], scores: Sequence[float] | None = None
+) -> DraftTree:
     """The tree made of the nodes `kept` (ascending, root first), parents re-indexed."""
     new_index = {old: new for new, old in enumerate(kept)}
     return DraftTree(
         tokens=[int(tokens[i]) for i in kept],
         parents=[-1] + [new_index[parents[i]] for i in kept[1:]],
+        scores=None if scores is None else [float(scores[i]) for i in kept],
     )
+
+
+class InvalidTree(ValueError):
+    """A drafter proposed something the verifier must not run as a tree (a remote drafter's
+    malformed parents, say): the round decodes plainly instead, and the session goes on."""
+
+
+def tree_problem(tree: DraftTree, root: int, vocab_size: int, budget: int) -> str | None:
+    """Why `tree` cannot be this round's draft, or None when it can: its root must be `root`,
+    the last committed token; every token an id of the vocabulary; and it may not outgrow the
+    `budget` positions reserved for it. (Parents are checked when a DraftTree is built.) The
+    decode loop checks every proposal, so a faulty drafter can cost speed, never correctness."""
+    if len(tree) > budget:
+        return f"{len(tree)} nodes, over the budget of {budget}"
+    if tree.tokens[0] != root:
+        return f"root token {tree.tokens[0]} is not the last committed token {root}"
+    outside = next((t for t in tree.tokens if not 0 <= t < vocab_size), None)
+    if outside is not None:
+        return f"token {outside} is outside the vocabulary [0, {vocab_size})"
+    return None
