@@ -2,7 +2,7 @@
 
 Pair i of a sequence is (feature f_i, token t_{i+1}); the head predicts f_{i+1} and the
 target's distribution of token i+2, which is softmax(lm_head(f_{i+1})) with the target's
-frozen LM head. Losses (DESIGN.md / the FSPAD paper): Smooth L1 on the predicted feature
+frozen LM head. Losses (as in the FSPAD paper): Smooth L1 on the predicted feature
 (weight 1.0) and soft cross-entropy on the logits (weight 0.1); with partial alignment each
 loss sees only its own half of the head's output. Uniform noise on the input features, AdamW
 (0.9, 0.95), linear warm-up, gradient clipping 0.5.
