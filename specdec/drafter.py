@@ -68,6 +68,13 @@ class Drafter(ABC):
         tokens before the root, [len(token_ids) - 1, d], or of only the last F of them where the
         drafter reads no more (`HeadDrafter`: at least `TreeConfig.head_context`)."""
 
+    def state(self) -> str:
+        """What a readiness probe reports: an in-process drafter is always 'embedded'."""
+        return "embedded"
+
+    def close(self) -> None:
+        """Release what the drafter holds beyond its sessions (a connection); nothing by default."""
+
 
 class HeadDrafter(Drafter):
     """Drafts with a `DraftHead` in this process (on packed or Q8_0 weights, see `DraftHead.quantize_for_inference`)."""

@@ -59,7 +59,7 @@ def tiny_engine(round_delay: float = 0.0, prefix_cache: PrefixCache | None = Non
     runner = TargetRunner(LlamaForCausalLM(cfg).eval().requires_grad_(False), tokenizer, name="tiny")
     head = DraftHead(HeadConfig.for_target(runner.config, "fspad", target="tiny"), runner.embed_tokens, runner.lm_head.weight)
     drafter = SlowDrafter(HeadDrafter(head, TreeConfig(top_k=2, depth=2, total_tokens=4, min_prob=0.0)), round_delay)
-    return Engine(runner, drafter, "embedded", "tiny", prefix_cache=prefix_cache)
+    return Engine(runner, drafter, "tiny", prefix_cache=prefix_cache)
 
 
 def serve_app(engine: Engine) -> Iterator[str]:

@@ -55,7 +55,8 @@ class Stack:
         self.base = f"http://127.0.0.1:{self.port}"
         self.drafter = self.start_drafter()
         self.verifier = spawn(
-            "verifier", "-m", "services.verifier", "--port", str(self.port), "--drafter", f"127.0.0.1:{self.drafter_port}",
+            "verifier", "-m", "services.verifier", "--port", str(self.port), "--drafter", "remote",
+            "--drafter-address", f"127.0.0.1:{self.drafter_port}",
             "--drafter-timeout", "10", "--drafter-retry-rounds", "2", "--max-concurrency", "2", "--threads", "1",
             env={"SPECDEC_VERIFIER_API_KEY": KEY},
         )

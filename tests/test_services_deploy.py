@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from services.drafter.settings import parse_settings
+from services.verifier.settings import parse_settings as parse_verifier
 from specdec.config import TreeConfig
 from tests.conftest import REPO
 
@@ -25,7 +26,6 @@ def test_compose_services_ports_and_gpus() -> None:
     assert set(services) == {"drafter", "verifier"}
     assert services["verifier"]["ports"] == ["8000:8000"]
     assert "ports" not in services["drafter"], "the drafter is internal"
-    assert "drafter:50051" in services["verifier"]["command"]
     for name, service in services.items():
         build = service["build"]
         assert build["dockerfile"] == "deploy/Dockerfile" and build["target"] == name
@@ -70,7 +70,6 @@ def test_kubernetes_gpus_probes_and_services() -> None:
     verifier = deployments["specdec-verifier"]["spec"]["template"]["spec"]["containers"][0]
     assert verifier["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert verifier["livenessProbe"]["httpGet"]["path"] == "/health"
-    assert "specdec-drafter:50051" in verifier["args"]
 
 
 def test_gpu_drafters_use_the_reference_tree() -> None:
@@ -79,3 +78,22 @@ def test_gpu_drafters_use_the_reference_tree() -> None:
     drafter_k8s = next(d for d in MANIFESTS if d["metadata"]["name"] == "specdec-drafter" and d["kind"] == "Deployment")
     for args in (COMPOSE["services"]["drafter"]["command"], drafter_k8s["spec"]["template"]["spec"]["containers"][0]["args"]):
         assert parse_settings(args).tree() == TreeConfig(top_k=10, depth=6, total_tokens=60, min_prob=0.0)
+
+
+def test_deployed_verifiers_use_the_remote_drafter_service(monkeypatch) -> None:
+    """Their drafter settings (flags and SPECDEC_VERIFIER_DRAFTER* variables) parse to the
+    remote mode at the drafter service's address."""
+    verifier_k8s = next(d for d in MANIFESTS if d["metadata"]["name"] == "specdec-verifier" and d["kind"] == "Deployment")
+    (container,) = verifier_k8s["spec"]["template"]["spec"]["containers"]
+    compose = COMPOSE["services"]["verifier"]
+    deployed = [
+        (compose["command"], compose["environment"], "drafter:50051"),
+        (container["args"], {e["name"]: e["value"] for e in container["env"] if "value" in e}, "specdec-drafter:50051"),
+    ]
+    for args, env, address in deployed:
+        with monkeypatch.context() as patch:
+            for name, value in env.items():
+                if name.startswith("SPECDEC_VERIFIER_DRAFTER"):
+                    patch.setenv(name, value)
+            settings = parse_verifier(args)
+        assert (settings.drafter, settings.drafter_address) == ("remote", address)

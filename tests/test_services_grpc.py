@@ -7,6 +7,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
+from types import SimpleNamespace
 from typing import Iterator
 
 import grpc
@@ -18,10 +19,12 @@ from services.rpc import CHANNEL_OPTIONS, tensor_to_proto
 from services.rpc import drafter_pb2 as pb
 from services.rpc import drafter_pb2_grpc as pb_grpc
 import services.verifier.remote_drafter as remote_module
+from services.verifier.engine import Engine
 from services.verifier.remote_drafter import RemoteDrafter
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import DrafterUnavailable, HeadDrafter
 from specdec.generate import Generation
+from specdec.tree import InvalidTree
 from tests.conftest import free_port
 from tests.tiny import SlowDrafter, tiny_drafter, tiny_runner
 
@@ -119,6 +122,55 @@ def test_session_cap_is_resource_exhausted_and_falls_back(runner, remote) -> Non
     with pytest.raises(DrafterUnavailable, match="RESOURCE_EXHAUSTED"):
         second.propose()
     first.close()
+
+
+class MalformedFirstTree(HeadDrafter):
+    """A head drafter whose sessions answer the first Propose with parents that form no tree
+    (node 1's parent comes after it), then propose as usual."""
+
+    def __init__(self, inner: HeadDrafter):
+        super().__init__(inner.head, inner.tree)
+
+    def open(self, token_ids, features):
+        session = super().open(token_ids, features)
+        propose, rounds = session.propose, []
+
+        def malformed_first():
+            rounds.append(1)
+            if len(rounds) == 1:
+                return SimpleNamespace(tokens=[token_ids[-1], 1, 2], parents=[-1, 2, 0])
+            return propose()
+
+        session.propose = malformed_first
+        return session
+
+
+def test_a_malformed_tree_is_invalid_and_the_session_goes_on(runner, drafter) -> None:
+    """The client turns parents from the wire that form no tree into InvalidTree, which the
+    decode loop rejects for that round; the stream stays open and the next round drafts."""
+    server, servicer, address = serve(MalformedFirstTree(drafter))
+    remote_drafter = client(runner, address)
+    try:
+        session = remote_drafter.open(PROMPT + [1], torch.zeros(len(PROMPT), runner.hidden_size))
+        with pytest.raises(InvalidTree, match="malformed tree"):
+            session.propose()
+        tree = session.propose()
+        assert tree.tokens[0] == 1 and len(tree) > 1
+        assert servicer.active_sessions == 1
+        session.close()
+    finally:
+        remote_drafter.close()
+        server.stop(None)
+
+
+def test_the_engine_reports_its_drafter_state(runner, drafter) -> None:
+    """/ready's drafter field: from the drafter itself, 'none' without one ('remote-ok' is
+    covered end to end in test_services.py)."""
+    down = Engine(runner, client(runner, f"127.0.0.1:{free_port()}", timeout=0.5), "tiny")
+    assert down.drafter_state() == "remote-unavailable"
+    down.close()
+    assert Engine(runner, drafter, "tiny").drafter_state() == "embedded"
+    assert Engine(runner, None, "tiny").drafter_state() == "none"
 
 
 def raw_session(address: str, *requests: pb.SessionRequest) -> grpc.StatusCode:

@@ -14,8 +14,8 @@ def test_flags_override_environment_override_defaults(monkeypatch) -> None:
     assert parse_verifier([]).port == 8000
     monkeypatch.setenv("SPECDEC_VERIFIER_PORT", "9001")
     monkeypatch.setenv("SPECDEC_VERIFIER_API_KEY", "from-env")
-    settings = parse_verifier(["--port", "9002", "--drafter", "10.0.0.5:50051", "--max-queue", "0"])
-    assert (settings.port, settings.drafter, settings.max_queue) == (9002, "10.0.0.5:50051", 0)
+    settings = parse_verifier(["--port", "9002", "--drafter", "remote", "--drafter-address", "10.0.0.5:50051", "--max-queue", "0"])
+    assert (settings.port, settings.drafter, settings.drafter_address, settings.max_queue) == (9002, "remote", "10.0.0.5:50051", 0)
     assert settings.api_key.get_secret_value() == "from-env"
     assert parse_verifier([]).port == 9001
     assert parse_verifier([]).activations == "float32"
@@ -45,6 +45,30 @@ def test_invalid_verifier_settings_exit_2(argv, capsys) -> None:
         parse_verifier(argv)
     assert exit_info.value.code == 2
     assert "python -m services.verifier" in capsys.readouterr().err
+
+
+def test_remote_drafter_address_from_the_environment(monkeypatch) -> None:
+    monkeypatch.setenv("SPECDEC_VERIFIER_DRAFTER", "remote")
+    monkeypatch.setenv("SPECDEC_VERIFIER_DRAFTER_ADDRESS", "drafter:50051")
+    settings = parse_verifier([])
+    assert (settings.drafter, settings.drafter_address) == ("remote", "drafter:50051")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--drafter", "remote"], "--drafter remote needs --drafter-address HOST:PORT"),
+        (["--drafter", "remote", "--drafter-address", "drafter"], "--drafter remote needs --drafter-address HOST:PORT"),
+        (["--drafter-address", "drafter:50051"], "--drafter-address is for --drafter remote, not --drafter embedded"),
+        (["--drafter", "none", "--drafter-address", "drafter:50051"], "--drafter-address is for --drafter remote, not --drafter none"),
+        (["--drafter", "127.0.0.1:50051"], "drafter"),
+    ],
+)
+def test_drafter_mode_and_address_are_checked_at_start(argv, message, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse_verifier(argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
 
 
 def test_invalid_drafter_settings_exit_2(capsys) -> None:

@@ -24,7 +24,6 @@ class Engine:
 
     runner: TargetRunner
     drafter: Drafter | None
-    drafter_kind: str
     model_name: str
     retry_rounds: int = 8
     prefix_cache: PrefixCache | None = None
@@ -38,38 +37,40 @@ class Engine:
 
     def drafter_state(self) -> str:
         """'embedded', 'none', 'remote-ok' or 'remote-unavailable' (then requests decode plainly)."""
-        if self.drafter_kind != "remote":
-            return self.drafter_kind
-        return "remote-ok" if self.drafter.reachable() else "remote-unavailable"
+        return "none" if self.drafter is None else self.drafter.state()
 
     def close(self) -> None:
-        if self.drafter_kind == "remote":
+        if self.drafter is not None:
             self.drafter.close()
 
 
 def build_engine(settings) -> Engine:
-    """Load the target and connect or load the drafter named by `settings.drafter`."""
+    """Load the target, then load or connect the drafter `settings.drafter` names."""
     import torch
 
     if settings.threads:
         torch.set_num_threads(settings.threads)
     runner = TargetRunner.load(settings.model, DTYPES[settings.dtype], settings.device, settings.activations)
-    name = settings.served_model_name or runner.name
-    cache = PrefixCache(settings.prefix_cache_tokens) if settings.prefix_cache_tokens else None
-    if settings.drafter == "none":
-        return Engine(runner, None, "none", name, settings.drafter_retry_rounds, cache, settings.backoff())
+    drafter: Drafter | None = None
     if settings.drafter == "embedded":
         drafter = load_head_drafter(runner, settings.head, settings.tree())
         log.info("embedded drafter: head %s, %s", settings.head or "default", settings.tree())
-        return Engine(runner, drafter, "embedded", name, settings.drafter_retry_rounds, cache, settings.backoff())
-    from services.verifier.remote_drafter import RemoteDrafter
+    elif settings.drafter == "remote":
+        from services.verifier.remote_drafter import RemoteDrafter
 
-    remote = RemoteDrafter(
-        settings.drafter,
-        hidden_size=runner.hidden_size,
-        timeout=settings.drafter_timeout,
-        feature_dtype=settings.feature_dtype,
-        max_tree_tokens=settings.max_tree_tokens,
+        drafter = RemoteDrafter(
+            settings.drafter_address,
+            hidden_size=runner.hidden_size,
+            timeout=settings.drafter_timeout,
+            feature_dtype=settings.feature_dtype,
+            max_tree_tokens=settings.max_tree_tokens,
+        )
+        log.info("remote drafter at %s (%s)", settings.drafter_address, "reachable" if drafter.reachable() else "not reachable yet")
+    return Engine(
+        runner=runner,
+        drafter=drafter,
+        model_name=settings.served_model_name or runner.name,
+        retry_rounds=settings.drafter_retry_rounds,
+        prefix_cache=PrefixCache(settings.prefix_cache_tokens) if settings.prefix_cache_tokens else None,
+        backoff=settings.backoff(),
     )
-    log.info("remote drafter at %s (%s)", settings.drafter, "reachable" if remote.reachable() else "not reachable yet")
-    return Engine(runner, remote, "remote", name, settings.drafter_retry_rounds, cache, settings.backoff())

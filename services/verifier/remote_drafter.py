@@ -1,7 +1,8 @@
 """The gRPC drafter client: the library's `Drafter`/`DraftSession` interface over the wire.
 
-Every failure (drafter down, stream broken, deadline passed, malformed tree) raises
-`DrafterUnavailable`, on which the decode loop continues with plain decoding and retries later.
+Every failure (drafter down, stream broken, deadline passed) raises `DrafterUnavailable`, on
+which the decode loop continues with plain decoding and retries later. A malformed tree (parents
+that do not form one) raises `InvalidTree`: that round decodes plainly, the session goes on.
 Open and Extend are sent without waiting; only Propose waits for its tree (one round trip per
 round), for at most `timeout` seconds.
 """
@@ -21,7 +22,7 @@ from services.rpc import CHANNEL_OPTIONS, tensor_to_proto
 from services.rpc import drafter_pb2 as pb
 from services.rpc import drafter_pb2_grpc as pb_grpc
 from specdec.drafter import Drafter, DrafterUnavailable, DraftSession
-from specdec.tree import DraftTree
+from specdec.tree import DraftTree, InvalidTree
 
 log = logging.getLogger("specdec.verifier")
 
@@ -73,6 +74,10 @@ class RemoteDrafter(Drafter):
         except grpc.RpcError:
             return False
         return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+    def state(self) -> str:
+        """'remote-ok' while the drafter's health service says SERVING, else 'remote-unavailable'."""
+        return "remote-ok" if self.reachable() else "remote-unavailable"
 
     def open(self, token_ids: Sequence[int], features: torch.Tensor) -> "RemoteSession":
         """Sends the prompt's features, only the last `head_context` of them where the drafter
@@ -147,7 +152,8 @@ class RemoteSession(DraftSession):
         try:
             return DraftTree(tokens=list(tree.tokens)[:budget], parents=list(tree.parents)[:budget])
         except ValueError as exc:
-            raise self._fail(f"malformed tree: {exc}") from exc
+            log.warning("drafter %s: malformed tree for round %d: %s", self.drafter.address, self._round, exc)
+            raise InvalidTree(f"malformed tree: {exc}") from exc
 
     def close(self) -> None:
         if not self._failed:

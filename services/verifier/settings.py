@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.settings import parse_or_exit
@@ -29,9 +29,12 @@ class VerifierSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address to listen on")
     port: int = Field(8000, ge=0, le=65535, description="port to listen on (0: any free port)")
-    drafter: str = Field(
+    drafter: Literal["embedded", "none", "remote"] = Field(
         "embedded",
-        description="'embedded' (draft head in this process), 'none' (plain decoding) or HOST:PORT of a drafter service",
+        description="embedded (draft head in this process), none (plain decoding) or remote (a drafter service at --drafter-address)",
+    )
+    drafter_address: str | None = Field(
+        None, description="remote drafter: HOST:PORT of the drafter service (required with --drafter remote, refused otherwise)"
     )
     model: str | None = Field(None, description="Llama-family model directory (default: SmolLM2-135M-Instruct GGUF)")
     dtype: Literal["float32", "bfloat16", "float16"] = Field("float32", description="target weights dtype")
@@ -74,6 +77,16 @@ class VerifierSettings(BaseSettings):
     default_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens generate at most this")
     grace_seconds: float = Field(25.0, ge=0, description="on SIGTERM, time given to requests in flight before they are cut")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="log level")
+
+    @model_validator(mode="after")
+    def _drafter_address_with_remote_only(self) -> "VerifierSettings":
+        if self.drafter == "remote":
+            host, _, port = (self.drafter_address or "").rpartition(":")
+            if not host or not port.isdigit():
+                raise ValueError(f"--drafter remote needs --drafter-address HOST:PORT, got {self.drafter_address!r}")
+        elif self.drafter_address is not None:
+            raise ValueError(f"--drafter-address is for --drafter remote, not --drafter {self.drafter}")
+        return self
 
     def backoff(self) -> BackoffConfig:
         return BackoffConfig(break_even=self.backoff_below)
