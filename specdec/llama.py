@@ -50,6 +50,11 @@ class KVCache:
             grown[:, :, :, : self.capacity] = self.data
             self.data = grown
 
+    def clone(self) -> "KVCache":
+        copy = KVCache.__new__(KVCache)
+        copy.data = self.data.clone()
+        return copy
+
     def keep(self, start: int, rows: torch.Tensor) -> None:
         """Move entries at absolute positions `rows` to start, start+1, ... (in that order)."""
         self.data[:, :, :, start : start + rows.numel()] = self.data.index_select(3, rows)

@@ -114,7 +114,6 @@ class AdversarialSession(DraftSession):
         pass
 
 
-@pytest.mark.xfail(strict=True, reason="decode loop wiring pending")
 @pytest.mark.parametrize("bad", [wrong_root, out_of_vocabulary, too_many_nodes])
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
 def test_bad_trees_are_rejected_and_the_output_is_unchanged(bad, temperature: float) -> None:
