@@ -18,7 +18,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 
 from specdec.budget import SpeculationBudget
-from specdec.generate import Chunk, Generation, decode_round
+from specdec.generate import Chunk, Generation, Round, decode_round
 from specdec.target import TargetRunner
 
 
@@ -40,6 +40,7 @@ class Batch:
         self.runner, self.budget = runner, budget
         self.generations: list[Generation] = []
         self.stats = BatchStats()
+        self.last_round: Round | None = None  # the decode round of the last step, if it ran one
 
     @property
     def empty(self) -> bool:
@@ -76,10 +77,10 @@ class Batch:
                 events.append((waiting, exc))
                 waiting.finished = True
         decoding = [g for g in self.generations if not g.prefilling and not g.finished]
-        if decoding:
-            done = decode_round(self.runner, decoding, self.budget)
-            events += zip(decoding, done.outcomes)
-            self._count(done.draft_rows)
+        self.last_round = decode_round(self.runner, decoding, self.budget) if decoding else None
+        if self.last_round is not None:
+            events += zip(decoding, self.last_round.outcomes)
+            self._count(self.last_round.draft_rows)
         for gen, outcome in events:
             if isinstance(outcome, Exception):
                 gen.finished = True

@@ -61,7 +61,7 @@ def create_app(engine: Engine, settings: VerifierSettings, metrics: Metrics | No
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.scheduler = Scheduler(settings.max_concurrency, settings.max_queue, metrics)
+        app.state.scheduler = Scheduler(engine.batch(), settings.max_concurrency, settings.max_queue, metrics)
         yield
         app.state.scheduler.shutdown()
 
@@ -273,6 +273,7 @@ def _speculation(gens: list[Generation]) -> dict:
         "accepted_tokens": sum(sum(g.stats.accepted_per_round) for g in gens),
         "fallback_rounds": sum(g.stats.fallback_rounds for g in gens),
         "paused_rounds": sum(g.stats.paused_rounds for g in gens),
+        "budget_plain_rounds": sum(g.stats.budget_plain_rounds for g in gens),
         "seconds": seconds,
         "tokens_per_s": tokens / seconds if seconds else 0.0,
     }

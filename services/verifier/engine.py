@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from specdec.backoff import BackoffConfig
+from specdec.batch import Batch
+from specdec.budget import CostModel, SpeculationBudget
 from specdec.options import DTYPES
 from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import Drafter, load_head_drafter
@@ -28,12 +30,18 @@ class Engine:
     retry_rounds: int = 8
     prefix_cache: PrefixCache | None = None
     backoff: BackoffConfig = BackoffConfig()
+    prefill_chunk: int = 128
+    budget: SpeculationBudget | None = None  # None: every round drafts its full tree
 
     def generation(self, prompt_ids: Sequence[int], sampling: SamplingParams, stop: StopConfig) -> Generation:
         return Generation(
             self.runner, prompt_ids, sampling, stop, self.drafter, retry_rounds=self.retry_rounds, prefix_cache=self.prefix_cache,
-            backoff=self.backoff,
+            backoff=self.backoff, prefill_chunk=self.prefill_chunk,
         )
+
+    def batch(self) -> Batch:
+        """The batch every request's generations are decoded in."""
+        return Batch(self.runner, self.budget)
 
     def drafter_state(self) -> str:
         """'embedded', 'none', 'remote-ok' or 'remote-unavailable' (then requests decode plainly)."""
@@ -66,6 +74,14 @@ def build_engine(settings) -> Engine:
             max_tree_tokens=settings.max_tree_tokens,
         )
         log.info("remote drafter at %s (%s)", settings.drafter_address, "reachable" if drafter.reachable() else "not reachable yet")
+    budget = None
+    if drafter is not None and settings.adaptive_speculation:
+        costs = CostModel.calibrate(runner)
+        log.info(
+            "speculation budget: a forward of 1 / 8 / 32 rows takes %.1f / %.1f / %.1f ms",
+            *(1000 * costs.seconds(n) for n in (1, 8, 32)),
+        )
+        budget = SpeculationBudget(costs)
     return Engine(
         runner=runner,
         drafter=drafter,
@@ -73,4 +89,6 @@ def build_engine(settings) -> Engine:
         retry_rounds=settings.drafter_retry_rounds,
         prefix_cache=PrefixCache(settings.prefix_cache_tokens) if settings.prefix_cache_tokens else None,
         backoff=settings.backoff(),
+        prefill_chunk=settings.prefill_chunk,
+        budget=budget,
     )

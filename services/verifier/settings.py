@@ -71,7 +71,15 @@ class VerifierSettings(BaseSettings):
     )
     max_tree_tokens: int = Field(64, ge=1, description="remote drafter: largest tree accepted per round")
     api_key: SecretStr | None = Field(None, description="require 'Authorization: Bearer KEY' on /v1/* when set")
-    max_concurrency: int = Field(1, ge=1, description="generations running at once")
+    max_concurrency: int = Field(8, ge=1, description="generations decoded together in one batch (one target forward per round)")
+    prefill_chunk: int = Field(
+        128, ge=0, description="most prompt tokens prefilled per round, so a long prompt delays the batch's other requests by one chunk at a time (0 = whole prompts)"
+    )
+    adaptive_speculation: bool = Field(
+        True,
+        description="choose each round's drafts from measured costs (a short calibration at start): trees shrink as the batch grows, "
+        "down to plain batched decoding; off: every round verifies the drafter's full tree",
+    )
     max_queue: int = Field(16, ge=0, description="requests waiting for a slot before 429")
     max_n: int = Field(4, ge=1, description="largest n (choices per request)")
     default_max_tokens: int = Field(256, ge=1, description="chat completions without max_tokens generate at most this")
