@@ -1,7 +1,7 @@
 # Two entry points on a fresh machine: `make serve` and `make test` (both create .venv).
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# CPU here (the wheel on this machine's disk); on a GPU node: make serve TORCH_SPEC=torch DEVICE=cuda
+# CPU build of torch by default; on a GPU node: make serve TORCH_SPEC=torch DEVICE=cuda
 TORCH_SPEC ?= torch==2.13.0
 DEVICE ?= cpu
 HOST ?= 127.0.0.1

@@ -11,7 +11,7 @@ window that reaches the break-even resets it.
 
 It applies to sampled requests only unless `greedy_too`: greedy acceptance comes in bursts (a
 lookup chain through a repeat, a formula), so a weak window says little about the next one.
-Measured in one process on 13 dev questions (session 19, `~/.cache` scratch A/B, default tree):
+Measured in one process on 13 dev questions (an A/B run, default tree):
 at T=1 (96 tokens a turn) plain decoding 63.7 tokens/s, speculation 0.960x of it without the
 back-off and 0.991x with these defaults (81% of rounds plain; a second run: 0.934x and 0.974x
 with break_even 0.8); greedy (128 tokens a turn) 1.267x without it, 1.227x with break_even 0.8.

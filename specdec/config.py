@@ -51,8 +51,8 @@ class TreeConfig:
 
     Defaults are chosen on the 2-core CPU (2 threads, the target's C++ decoder stack on its GGUF
     blocks, the C++ head on Q8_0), by A/B runs of whole generations in one process (plain
-    decoding and each tree shape in turn per turn, 26 dev questions, 128 tokens a turn, greedy,
-    session 18): top_k 4, depth 5, 6 nodes, min_prob 0.25 gave 1.315x plain decoding where
+    decoding and each tree shape in turn per turn, 26 dev questions, 128 tokens a turn, greedy;
+    2026-11-26): top_k 4, depth 5, 6 nodes, min_prob 0.25 gave 1.315x plain decoding where
     depth 3 / 8 nodes / 0.2 (the default before) gave 1.245x, depth 4 1.285x and depth 5 with
     8 nodes 1.280x; in a second run (a quieter hour, plain 82.9 tokens/s) 5 nodes, min_prob
     0.3, top_k 3 and depth 6 / min_prob 0.2 were all within 1.6% of it. Here a forward of 1 /
@@ -83,7 +83,7 @@ class TreeConfig:
     the whole prompt, about 0.25 ms a token on the 2-core CPU (0.25 s after a 1,000-token
     prompt, 1.6 s after 4,000), and on 26 dev questions, and on the 20 with the longest prompts
     (rag, summarization), reading the last 128 gave the same τ (2.343 against 2.341, 1.839
-    against 1.829; session 21). Lookup chains still search the whole prompt.
+    against 1.829). Lookup chains still search the whole prompt.
     """
 
     top_k: int = 4
