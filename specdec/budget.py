@@ -4,7 +4,9 @@ nodes the target verifies.
 A round costs one target forward over every row of the batch (each request's root, plus the
 draft nodes verified) and a proposal from each request that drafts. Both are measured, not
 assumed: `CostModel.calibrate` times forwards of 1..N rows on the running target at start, and
-the budget keeps a running mean of the proposals' own time. A draft node is worth the
+the budget keeps a running mean of the proposals' own time and fits the rounds' measured time
+to the calibration (`RoundFit`: what a round costs beyond its forward, and what the
+calibration missed). A draft node is worth the
 probability that the target accepts it: the drafter's cumulative draft probability estimates
 it, and each request's record of accepted against predicted drafts corrects it
 (`DraftEstimate`: a miscalibrated head, a sampled request, text the head never saw).
@@ -23,7 +25,7 @@ from __future__ import annotations
 import bisect
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Sequence
 
 import torch
@@ -32,6 +34,7 @@ from specdec.target import SequenceState, TargetRunner
 from specdec.tree import DraftTree, subtree
 
 CALIBRATION_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+_HISTORY = 8  # proposals a request's record keeps
 
 
 @dataclass(frozen=True)
@@ -57,10 +60,10 @@ class CostModel:
 
     @classmethod
     @torch.inference_mode()
-    def calibrate(cls, runner: TargetRunner, rows: Sequence[int] = CALIBRATION_ROWS, context: int = 128, repeats: int = 3) -> "CostModel":
+    def calibrate(cls, runner: TargetRunner, rows: Sequence[int] = CALIBRATION_ROWS, context: int = 128, repeats: int = 5) -> "CostModel":
         """Time forwards of each row count on `context` tokens of committed text, as a batch
         of sequences of up to 8 rows each (the shape of batched trees), the fastest of
-        `repeats`."""
+        `repeats` after an untimed one; a count never costs less than a smaller one."""
         base = runner.new_state(context + 16)
         runner.prefill(base, [(7 * i + 3) % runner.vocab_size for i in range(context)])
         forward, greedy, sampled = [], [], []
@@ -69,7 +72,7 @@ class CostModel:
             states = [SequenceState(base.cache.clone(), base.length) for _ in sizes]
             trees = [DraftTree([5] * n, [-1] + list(range(n - 1))) for n in sizes]
             best = [math.inf] * 3
-            for _ in range(repeats):
+            for repeat in range(repeats + 1):
                 began = time.perf_counter()
                 hidden = torch.cat(runner.forward_trees(states, trees))
                 mid = time.perf_counter()
@@ -79,44 +82,57 @@ class CostModel:
                 last = time.perf_counter()
                 for state in states:
                     runner.commit(state, [])
-                best = [min(best[0], mid - began), min(best[1], end - mid), min(best[2], last - end)]
-            forward.append(best[0])
-            greedy.append(best[1])
-            sampled.append(best[2])
+                if repeat:
+                    best = [min(best[0], mid - began), min(best[1], end - mid), min(best[2], last - end)]
+            for series, value in zip((forward, greedy, sampled), best):
+                series.append(max(value, series[-1] if series else 0.0))
         return cls(tuple(rows), tuple(forward), tuple(greedy), tuple(sampled))
 
 
 @dataclass
 class DraftEstimate:
-    """One request's drafting record: running means of the drafts it was predicted to get
-    accepted (the drafter's probabilities of the verified nodes) and of those it got, and of the
-    predicted value of its whole proposals; the rounds since it last proposed."""
+    """One request's drafting record: fading sums of the drafts it was predicted to get
+    accepted (the drafter's probabilities of the verified nodes) and of those it got; its last
+    proposals' node probabilities, best first; the rounds since it last proposed.
 
-    predicted: float | None = None
-    accepted: float | None = None
-    proposal_value: float | None = None
+    The sums fade every round (`tick`), verified or not, and the calibration starts from one
+    draft predicted and accepted: a request whose drafts failed, and which therefore verifies
+    none, drifts back towards trusting its drafter and is tried again, instead of staying
+    plain on old evidence."""
+
+    predicted: float = 0.0
+    accepted: float = 0.0
+    history: list[list[float]] = field(default_factory=list)  # last proposals' node probabilities, best first
     idle: int = 0
-    pause: int = 0  # rounds without proposals after one that did not pay; 0: not paused
+    pause: int = 4  # rounds left out after which it probes; doubles while probes do not pay
+    probing: bool = False
 
     @property
     def calibration(self) -> float:
-        """Accepted per predicted draft (1 until the request has a record)."""
-        return self.accepted / self.predicted if self.predicted and self.accepted is not None else 1.0
+        """Accepted per predicted draft, with one accepted prediction as the prior."""
+        return (self.accepted + 1.0) / (self.predicted + 1.0)
 
-    @property
-    def gain(self) -> float | None:
-        """Drafts a full proposal is expected to get accepted; None before the first one."""
-        return None if self.proposal_value is None else self.proposal_value * self.calibration
+    def tick(self) -> None:
+        """A round passed: older evidence weighs less (0.9 a round: about the last ten)."""
+        self.predicted *= 0.9
+        self.accepted *= 0.9
+
+    def proposals(self) -> list[list[float]]:
+        """Expected acceptance of the best, second best, ... node of each of the last proposals
+        (empty before the first): what a proposal now may bring, burst or lull."""
+        scale = self.calibration
+        return [[min(1.0, scale * v) for v in values] for values in self.history]
 
     def proposed(self, tree: DraftTree) -> None:
         self.idle = 0
-        self.proposal_value = _mix(self.proposal_value, tree_value(tree))
+        if tree.scores is not None:
+            self.history = self.history[-(_HISTORY - 1) :] + [sorted((math.exp(s) for s in tree.scores[1:]), reverse=True)]
 
     def verified(self, tree: DraftTree, accepted: int) -> None:
         if tree.scores is None or len(tree) == 1:
             return
-        self.predicted = _mix(self.predicted, tree_value(tree))
-        self.accepted = _mix(self.accepted, float(accepted))
+        self.predicted += tree_value(tree)
+        self.accepted += accepted
 
 
 @dataclass
@@ -126,13 +142,17 @@ class SpeculationBudget:
 
     costs: CostModel
     proposal_seconds: float | None = None
+    fit: RoundFit = field(default_factory=lambda: RoundFit())
     first_pause: int = 4
     max_pause: int = 256
 
     def drafters(self, estimates: Sequence[DraftEstimate], may_draft: Sequence[bool], sizes: Sequence[int], sampled: Sequence[bool]) -> list[bool]:
         """Which requests propose this round. `may_draft[i]`: request i has a drafter and room;
         `sizes[i]`: its largest tree; `sampled[i]`: it samples (its rows' LM head costs more).
-        Requests without a record, and those whose pause is over, probe; paused ones wait."""
+        A request drafts when a proposal, cut to its best size as `trim` will cut it, is
+        expected (over its last proposals) to raise the round's tokens per second. A request
+        without a record probes, and so does one left out for `pause` rounds: its record may
+        be stale (text turns predictable, a repeat begins)."""
         choose = [False] * len(estimates)
         rows, sampled_rows = len(estimates), sum(sampled)
         tokens, proposals = float(len(estimates)), 0
@@ -140,21 +160,33 @@ class SpeculationBudget:
         for i, (estimate, allowed) in enumerate(zip(estimates, may_draft)):
             if not allowed:
                 continue
-            gain = estimate.gain
-            if gain is None or (estimate.pause and estimate.idle >= estimate.pause):
+            history = estimate.proposals()
+            estimate.probing = not history or estimate.idle >= estimate.pause
+            if estimate.probing:
                 choose[i] = True
                 proposals += 1
-            elif not estimate.pause:
-                ranked.append((gain / max(sizes[i] - 1, 1), i))
-        for _, i in sorted(ranked, reverse=True):
-            extra = sizes[i] - 1
-            now = tokens / self._round(rows, sampled_rows, proposals)
-            gain = estimates[i].gain or 0.0
-            later = (tokens + gain) / self._round(rows + extra, sampled_rows + extra * sampled[i], proposals + 1)
-            if later <= now:
-                break
+            else:
+                ranked.append((-sum(map(sum, history)) / len(history), i, [v[: sizes[i] - 1] for v in history]))
+        for _, i, history in sorted(ranked):
+            # The rate if i proposes: for each recent proposal, the best cut of it (none at all
+            # included: the proposal is paid either way), averaged: a burst is worth its cut.
+            expected_rate, expected_rows, expected_gain = 0.0, 0.0, 0.0
+            for values in history:
+                best_rate, best_k, gain, best_gain = tokens / self._round(rows, sampled_rows, proposals + 1), 0, 0.0, 0.0
+                for k, value in enumerate(values, start=1):
+                    gain += value
+                    rate = (tokens + gain) / self._round(rows + k, sampled_rows + k * sampled[i], proposals + 1)
+                    if rate > best_rate:
+                        best_rate, best_k, best_gain = rate, k, gain
+                expected_rate += best_rate / len(history)
+                expected_rows += best_k / len(history)
+                expected_gain += best_gain / len(history)
+            if expected_rate <= tokens / self._round(rows, sampled_rows, proposals):
+                continue
             choose[i] = True
-            rows, sampled_rows, tokens, proposals = rows + extra, sampled_rows + extra * sampled[i], tokens + gain, proposals + 1
+            extra = round(expected_rows)
+            rows, sampled_rows = rows + extra, sampled_rows + extra * sampled[i]
+            tokens, proposals = tokens + expected_gain, proposals + 1
         for estimate, chosen, allowed in zip(estimates, choose, may_draft):
             if allowed and not chosen:
                 estimate.idle += 1
@@ -163,8 +195,9 @@ class SpeculationBudget:
     def trim(self, trees: Sequence[DraftTree], estimates: Sequence[DraftEstimate], sampled: Sequence[bool], proposals: int) -> list[DraftTree]:
         """Each tree cut to the nodes worth their rows this round (root-only when none is):
         nodes enter best expected value first while the round's expected tokens per second
-        rise. Trees without scores stay whole. A proposal whose best node does not pay
-        lengthens its request's pause; one that does resets it."""
+        rise. Trees without scores stay whole. A probe that did not pay for itself (the round
+        would be faster without the proposal and its nodes) doubles its request's pause (up to
+        `max_pause`); a probe that did, and any chosen proposal with a node kept, reset it."""
         rows = sum(1 if t.scores is not None else len(t) for t in trees)
         sampled_rows = sum(s * (1 if t.scores is not None else len(t)) for t, s in zip(trees, sampled))
         tokens = float(len(trees))
@@ -174,6 +207,7 @@ class SpeculationBudget:
                 scale = estimate.calibration
                 candidates += [(-min(1.0, scale * math.exp(s)), i, j) for j, s in enumerate(tree.scores) if j]
         kept: list[list[int]] = [[0] for _ in trees]
+        gains = [0.0] * len(trees)
         for neg_value, i, j in sorted(candidates):
             now = tokens / self._round(rows, sampled_rows, proposals)
             later = (tokens - neg_value) / self._round(rows + 1, sampled_rows + sampled[i], proposals)
@@ -182,23 +216,66 @@ class SpeculationBudget:
             if trees[i].parents[j] not in kept[i]:
                 continue  # its parent did not pay, so it cannot be verified (ties only)
             kept[i].append(j)
+            gains[i] -= neg_value
             rows, sampled_rows, tokens = rows + 1, sampled_rows + sampled[i], tokens - neg_value
+        rate = tokens / self._round(rows, sampled_rows, proposals)
         out = []
-        for tree, estimate, nodes in zip(trees, estimates, kept):
+        for i, (tree, estimate, nodes) in enumerate(zip(trees, estimates, kept)):
             if tree.scores is None:
                 out.append(tree)
                 continue
-            if len(tree) > 1:
-                paid = len(nodes) > 1
-                estimate.pause = 0 if paid else min(max(2 * estimate.pause, self.first_pause), self.max_pause)
+            if estimate.probing and len(tree) > 1:
+                # Paid: the round is faster with this proposal and its nodes than without either.
+                extra = len(nodes) - 1
+                without = (tokens - gains[i]) / self._round(rows - extra, sampled_rows - extra * sampled[i], proposals - 1)
+                estimate.pause = self.first_pause if rate > without else min(2 * estimate.pause, self.max_pause)
+            elif len(nodes) > 1:
+                estimate.pause = self.first_pause
+            estimate.probing = False
             out.append(subtree(tree.tokens, tree.parents, sorted(nodes), tree.scores))
         return out
 
     def record_proposal(self, seconds: float) -> None:
         self.proposal_seconds = _mix(self.proposal_seconds, seconds)
 
+    def record_round(self, seconds: float, rows: int, sampled_rows: int) -> None:
+        """A round's measured time without its proposals, against what the calibration predicts."""
+        self.fit.add(self.costs.seconds(rows, sampled_rows), seconds)
+
     def _round(self, rows: int, sampled_rows: int, proposals: int) -> float:
-        return self.costs.seconds(rows, sampled_rows) + proposals * (self.proposal_seconds or 0.0)
+        return self.fit.predict(self.costs.seconds(rows, sampled_rows)) + proposals * (self.proposal_seconds or 0.0)
+
+
+@dataclass
+class RoundFit:
+    """measured = scale * calibrated + overhead, fitted by least squares over fading recent
+    rounds: the overhead is what every round pays beyond its forward (the walk, commits,
+    drafter updates, text); the scale carries what the calibration missed per row (longer
+    contexts than calibrated, a busier machine). With too little spread in the rounds' sizes
+    to tell the two apart, the scale stays 1."""
+
+    n: float = 0.0
+    x: float = 0.0
+    y: float = 0.0
+    xx: float = 0.0
+    xy: float = 0.0
+
+    def add(self, calibrated: float, measured: float, fade: float = 0.98) -> None:
+        self.n = fade * self.n + 1.0
+        self.x = fade * self.x + calibrated
+        self.y = fade * self.y + measured
+        self.xx = fade * self.xx + calibrated * calibrated
+        self.xy = fade * self.xy + calibrated * measured
+
+    def predict(self, calibrated: float) -> float:
+        if self.n == 0:
+            return calibrated
+        mx, my = self.x / self.n, self.y / self.n
+        var = self.xx / self.n - mx * mx
+        scale = 1.0
+        if var > (0.1 * mx) ** 2:
+            scale = min(max((self.xy / self.n - mx * my) / var, 0.5), 3.0)
+        return scale * calibrated + max(my - scale * mx, 0.0)
 
 
 def tree_value(tree: DraftTree) -> float:

@@ -198,6 +198,7 @@ class Generation:
         """Start the next round (reopening a failed drafter session when its retry is due);
         returns whether the round may draft: a session, the back-off allows, room in the context."""
         self._round += 1
+        self.estimate.tick()
         if self._session is None and self._retry_at is not None and self._round >= self._retry_at:
             self._session = self._open(self.prompt_ids + self.token_ids)
             self._retry_at = None if self._session else self._round + self.retry_rounds
@@ -349,6 +350,8 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     """One round for every generation (each past its prefill, none finished) with one target
     forward over all their trees. Without a budget every generation that may draft proposes its
     full tree; with one, the budget chooses who drafts and which nodes are verified."""
+    round_began = time.perf_counter()
+    proposing = 0.0
     outcome: list[Chunk | Exception | None] = [None] * len(generations)
     may_draft = [False] * len(generations)
     for i, gen in enumerate(generations):
@@ -373,6 +376,7 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
             trees[i] = generations[i].plan(drafting[i])
             if generations[i].drafted and budget is not None:
                 budget.record_proposal(time.perf_counter() - began)
+                proposing += time.perf_counter() - began
         except Exception as exc:  # noqa: BLE001
             outcome[i] = exc
     live = [i for i in live if i in trees]
@@ -398,6 +402,10 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
         except Exception as exc:  # noqa: BLE001
             outcome[i] = exc
         gen.stats.verify_seconds += shared + time.perf_counter() - began
+    if budget is not None:
+        rows = sum(len(trees[i]) for i in live)
+        sampled_rows = sum(len(trees[i]) for i in live if sampled[i])
+        budget.record_round(time.perf_counter() - round_began - proposing, rows, sampled_rows)
     return Round(outcome, draft_rows)  # type: ignore[arg-type]
 
 

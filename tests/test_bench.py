@@ -267,3 +267,37 @@ def test_the_shipped_dev_set_is_spec_bench_format():
     assert len(questions) == 90 and not report.skipped
     assert len({q.category for q in questions}) == 13
     assert all(1 <= len(q.turns) <= 2 for q in questions)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_concurrency_bench_rows_and_no_mismatch(temperature):
+    """Every level runs plain and adaptive speculation (and full trees when asked) over all
+    questions; batched answers equal the plain answers at concurrency 1."""
+    from specdec.bench.concurrency import ADAPTIVE, FULL, PLAIN, markdown, run_concurrency
+
+    runner = chat_runner(2)
+    questions = QUESTIONS + [Question("q3", "qa", ["WhyIsTheSkyBlue"]), Question("q4", "qa", ["Hi"])]
+    result = run_concurrency(
+        runner, tiny_drafter(runner, seed=2), questions, [1, 3], max_new_tokens=12, temperature=temperature, full_trees=True, progress=False
+    )
+    rows = result["rows"]
+    assert [(r["concurrency"], r["path"]) for r in rows] == [(c, p) for c in (1, 3) for p in (PLAIN, ADAPTIVE, FULL)]
+    for r in rows:
+        assert r["requests"] == len(questions) and r["tokens"] > 0 and r["tokens_per_s"] > 0
+        assert r["mismatches"] == 0
+        assert 0 < r["latency_p50_s"] <= r["latency_p95_s"] and r["ttft_p50_s"] <= r["latency_p95_s"]
+    assert rows[0]["vs_plain"] == 1.0 and set(result["forward_ms_by_rows"]) >= {"1", "8"}
+    assert "| 3 | speculative |" in markdown(result)
+
+
+def test_bench_cli_concurrency_writes_json(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr("specdec.options.load_runner", lambda args: chat_runner(3))
+    path = tmp_path / "q.jsonl"
+    path.write_text("\n".join(json.dumps({"question_id": q.question_id, "category": q.category, "turns": q.turns}) for q in QUESTIONS))
+    out = tmp_path / "c.json"
+    code = main(["bench", "--questions", str(path), "--concurrency", "1,2", "--max-new-tokens", "6", "--head", "random", "--json", str(out)])
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["settings"]["levels"] == [1, 2] and len(result["rows"]) == 4
+    assert main(["bench", "--questions", str(path), "--concurrency", "0,2", "--head", "random"]) == 2
+    assert "--concurrency needs user counts >= 1" in capsys.readouterr().err

@@ -128,7 +128,6 @@ def test_dear_rows_shrink_trees_as_the_batch_grows():
         for gen in gens:
             while gen.prefilling:
                 gen.prefill_step()
-            gen.estimate.proposal_value, gen.estimate.predicted, gen.estimate.accepted = 2.0, 2.0, 2.0
         live = [g for g in gens if not g.finished and g.begin_round()]
         cut = budget.trim([g.plan(True) for g in live], [g.estimate for g in live], [False] * len(live), len(live))
         verified[size] = sum(len(t) - 1 for t in cut) / len(cut)

@@ -62,10 +62,12 @@ def tiny_engine(round_delay: float = 0.0, prefix_cache: PrefixCache | None = Non
     return Engine(runner, drafter, "tiny", prefix_cache=prefix_cache)
 
 
-def serve_app(engine: Engine) -> Iterator[str]:
-    """The app on `engine`, served by uvicorn in a thread: one slot, one queue place, an API key."""
+def serve_app(engine: Engine, **overrides) -> Iterator[str]:
+    """The app on `engine`, served by uvicorn in a thread: by default one slot, one queue
+    place, an API key (`overrides` change any setting)."""
     port = free_port()
-    conf = VerifierSettings(port=port, api_key=KEY, max_concurrency=1, max_queue=1, max_n=MAX_N, default_max_tokens=8)
+    settings = {"api_key": KEY, "max_concurrency": 1, "max_queue": 1, "max_n": MAX_N, "default_max_tokens": 8, **overrides}
+    conf = VerifierSettings(port=port, **settings)
     server = uvicorn.Server(uvicorn.Config(create_app(engine, conf), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -7,22 +7,17 @@ the batch metrics are exported."""
 from __future__ import annotations
 
 import random
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator
 
 import httpx
 import pytest
-import uvicorn
 
-from services.verifier.app import create_app
 from services.verifier.engine import Engine
-from services.verifier.settings import VerifierSettings
 from specdec.budget import CostModel, SpeculationBudget
 from specdec.gguf_linear import kernel
-from tests.conftest import free_port
-from tests.test_server_api import metric, sse
+from tests.test_server_api import metric, serve_app, sse
 from tests.tiny import SlowDrafter, tiny_drafter, tiny_gguf_runner
 
 pytestmark = pytest.mark.skipif(kernel() is None, reason="no AVX2 CPU or no C++ compiler: no decoder stack")
@@ -43,17 +38,7 @@ def base() -> Iterator[str]:
     runner.forward_trees = slow_forward
     drafter = SlowDrafter(tiny_drafter(runner, seed=3), 0.01)
     engine = Engine(runner, drafter, "tiny", prefill_chunk=8, budget=budget)
-    port = free_port()
-    conf = VerifierSettings(port=port, max_concurrency=8, max_queue=8, max_n=4, default_max_tokens=16)
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, conf), host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        assert thread.is_alive(), "server failed to start"
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    yield from serve_app(engine, api_key=None, max_concurrency=8, max_queue=8, max_n=4, default_max_tokens=16)
 
 
 def bodies(seed: int, count: int, temperature: float = 0.0) -> list[dict]:

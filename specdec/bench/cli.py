@@ -43,6 +43,15 @@ def bench_parser(sub) -> Callable[[argparse.Namespace], int]:
         help="tokens of finished turns each of our paths keeps for reuse by a later prompt (its own next turn); 0 = off",
     )
     p.add_argument("--near-tie", type=float, default=1e-4, help="top-2 logit margin below which a mismatch is a float near-tie")
+    p.add_argument(
+        "--concurrency",
+        default=None,
+        metavar="LEVELS",
+        help="comma list of concurrent users, e.g. 1,2,4,8: measure batched serving instead (first turns, closed loop, "
+        "plain batched decoding against load-adaptive speculation; tokens/s and latency percentiles per level)",
+    )
+    p.add_argument("--full-trees", action="store_true", help="with --concurrency: also run speculation with full trees every round")
+    p.add_argument("--prefill-chunk", type=int, default=128, help="with --concurrency: most prompt tokens prefilled per round (0 = whole)")
     p.add_argument("--json", default=None, metavar="OUT", help="write the result JSON here")
     p.add_argument("--report", default=None, metavar="DIR", help="write report.md and PNG plots here")
     options.add_model_args(p)
@@ -81,6 +90,8 @@ def run_bench_command(args: argparse.Namespace) -> int:
         raise ConfigError(f"unknown peer(s) {', '.join(unknown)}; known: {', '.join((*PEER_NAMES, HEAD_ALONE))}")
     runner = options.load_runner(args)
     drafter = load_head_drafter(runner, args.head, tree)
+    if args.concurrency is not None:
+        return _run_concurrency(args, runner, drafter, questions, tree)
     variants = {}
     if HEAD_ALONE in peer_names:
         if not tree.lookup_tokens:
@@ -118,3 +129,31 @@ def run_bench_command(args: argparse.Namespace) -> int:
     overall = result["overall"]
     ours = [overall["greedy_mismatches"], overall["sampled_mismatches"]] + [overall["peers"][name]["mismatches_vs_ar"] for name in variants]
     return 1 if any(ours) else 0
+
+
+def _run_concurrency(args: argparse.Namespace, runner, drafter, questions, tree) -> int:
+    from specdec.bench.concurrency import markdown, run_concurrency
+    from specdec.bench.summary import machine_info
+
+    try:
+        levels = [int(x) for x in args.concurrency.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--concurrency takes a comma list of user counts, got {args.concurrency!r}") from None
+    if not levels or min(levels) < 1:
+        raise ConfigError(f"--concurrency needs user counts >= 1, got {args.concurrency!r}")
+    if args.prefill_chunk < 0:
+        raise ConfigError(f"--prefill-chunk must be >= 0, got {args.prefill_chunk}")
+    result = run_concurrency(
+        runner, drafter, questions, levels, args.max_new_tokens, args.temperature, args.seed, args.prefill_chunk, args.full_trees
+    )
+    result["settings"] = {
+        "questions_file": str(args.questions), "questions": len(questions), "levels": levels, "max_new_tokens": args.max_new_tokens,
+        "temperature": args.temperature, "seed": args.seed, "prefill_chunk": args.prefill_chunk, "model": runner.name,
+        "head": args.head or "default", "tree": asdict(tree),
+    }
+    result["machine"] = machine_info(runner)
+    print(markdown(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 1 if any(r["mismatches"] for r in result["rows"]) else 0
