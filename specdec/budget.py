@@ -4,9 +4,8 @@ nodes the target verifies.
 A round costs one target forward over every row of the batch (each request's root, plus the
 draft nodes verified) and a proposal from each request that drafts. Both are measured, not
 assumed: `CostModel.calibrate` times forwards of 1..N rows on the running target at start, and
-the budget keeps a running mean of the proposals' own time and fits the rounds' measured time
-to the calibration (`RoundFit`: what a round costs beyond its forward, and what the
-calibration missed). A draft node is worth the
+the budget fits the rounds' measured time to the calibration, and the proposals' time to the
+backlog of features each drafter must read first (`LinearFit`). A draft node is worth the
 probability that the target accepts it: the drafter's cumulative draft probability estimates
 it, and each request's record of accepted against predicted drafts corrects it
 (`DraftEstimate`: a miscalibrated head, a sampled request, text the head never saw).
@@ -95,10 +94,9 @@ class DraftEstimate:
     accepted (the drafter's probabilities of the verified nodes) and of those it got; its last
     proposals' node probabilities, best first; the rounds since it last proposed.
 
-    The sums fade every round (`tick`), verified or not, and the calibration starts from one
-    draft predicted and accepted: a request whose drafts failed, and which therefore verifies
-    none, drifts back towards trusting its drafter and is tried again, instead of staying
-    plain on old evidence."""
+    The sums fade with every verified tree (the last few weigh most) and the calibration
+    starts from one draft predicted and accepted. A probe always verifies its most likely node
+    (`SpeculationBudget.trim`), so even a request kept plain keeps its record current."""
 
     predicted: float = 0.0
     accepted: float = 0.0
@@ -111,11 +109,6 @@ class DraftEstimate:
     def calibration(self) -> float:
         """Accepted per predicted draft, with one accepted prediction as the prior."""
         return (self.accepted + 1.0) / (self.predicted + 1.0)
-
-    def tick(self) -> None:
-        """A round passed: older evidence weighs less (0.9 a round: about the last ten)."""
-        self.predicted *= 0.9
-        self.accepted *= 0.9
 
     def proposals(self) -> list[list[float]]:
         """Expected acceptance of the best, second best, ... node of each of the last proposals
@@ -131,8 +124,8 @@ class DraftEstimate:
     def verified(self, tree: DraftTree, accepted: int) -> None:
         if tree.scores is None or len(tree) == 1:
             return
-        self.predicted += tree_value(tree)
-        self.accepted += accepted
+        self.predicted = 0.75 * self.predicted + tree_value(tree)
+        self.accepted = 0.75 * self.accepted + accepted
 
 
 @dataclass
@@ -141,21 +134,30 @@ class SpeculationBudget:
     batch of generations."""
 
     costs: CostModel
-    proposal_seconds: float | None = None
-    fit: RoundFit = field(default_factory=lambda: RoundFit())
+    # A round's measured time (without proposals) against the calibration: the scale carries
+    # what the calibration missed per row (longer contexts, a busier machine), the intercept
+    # what every round pays beyond its forward (the walk, commits, drafter updates, text).
+    rounds: LinearFit = field(default_factory=lambda: LinearFit())
+    # A proposal's time against the pairs of features its session has not read yet: a request
+    # that has not drafted for a while first feeds its head everything since.
+    proposals: LinearFit = field(default_factory=lambda: LinearFit(slope=0.0, low=0.0, high=1.0))
     first_pause: int = 4
     max_pause: int = 256
 
-    def drafters(self, estimates: Sequence[DraftEstimate], may_draft: Sequence[bool], sizes: Sequence[int], sampled: Sequence[bool]) -> list[bool]:
+    def drafters(
+        self, estimates: Sequence[DraftEstimate], may_draft: Sequence[bool], sizes: Sequence[int], sampled: Sequence[bool],
+        backlogs: Sequence[int],
+    ) -> list[bool]:
         """Which requests propose this round. `may_draft[i]`: request i has a drafter and room;
-        `sizes[i]`: its largest tree; `sampled[i]`: it samples (its rows' LM head costs more).
+        `sizes[i]`: its largest tree; `sampled[i]`: it samples (its rows' LM head costs more);
+        `backlogs[i]`: the pairs its drafter must read before proposing.
         A request drafts when a proposal, cut to its best size as `trim` will cut it, is
         expected (over its last proposals) to raise the round's tokens per second. A request
         without a record probes, and so does one left out for `pause` rounds: its record may
         be stale (text turns predictable, a repeat begins)."""
         choose = [False] * len(estimates)
         rows, sampled_rows = len(estimates), sum(sampled)
-        tokens, proposals = float(len(estimates)), 0
+        tokens, proposals = float(len(estimates)), 0.0
         ranked = []
         for i, (estimate, allowed) in enumerate(zip(estimates, may_draft)):
             if not allowed:
@@ -164,18 +166,19 @@ class SpeculationBudget:
             estimate.probing = not history or estimate.idle >= estimate.pause
             if estimate.probing:
                 choose[i] = True
-                proposals += 1
+                proposals += self.proposals.predict(backlogs[i])
             else:
                 ranked.append((-sum(map(sum, history)) / len(history), i, [v[: sizes[i] - 1] for v in history]))
         for _, i, history in sorted(ranked):
+            cost = self.proposals.predict(backlogs[i])
             # The rate if i proposes: for each recent proposal, the best cut of it (none at all
             # included: the proposal is paid either way), averaged: a burst is worth its cut.
             expected_rate, expected_rows, expected_gain = 0.0, 0.0, 0.0
             for values in history:
-                best_rate, best_k, gain, best_gain = tokens / self._round(rows, sampled_rows, proposals + 1), 0, 0.0, 0.0
+                best_rate, best_k, gain, best_gain = tokens / self._round(rows, sampled_rows, proposals + cost), 0, 0.0, 0.0
                 for k, value in enumerate(values, start=1):
                     gain += value
-                    rate = (tokens + gain) / self._round(rows + k, sampled_rows + k * sampled[i], proposals + 1)
+                    rate = (tokens + gain) / self._round(rows + k, sampled_rows + k * sampled[i], proposals + cost)
                     if rate > best_rate:
                         best_rate, best_k, best_gain = rate, k, gain
                 expected_rate += best_rate / len(history)
@@ -186,18 +189,22 @@ class SpeculationBudget:
             choose[i] = True
             extra = round(expected_rows)
             rows, sampled_rows = rows + extra, sampled_rows + extra * sampled[i]
-            tokens, proposals = tokens + expected_gain, proposals + 1
+            tokens, proposals = tokens + expected_gain, proposals + cost
         for estimate, chosen, allowed in zip(estimates, choose, may_draft):
             if allowed and not chosen:
                 estimate.idle += 1
         return choose
 
-    def trim(self, trees: Sequence[DraftTree], estimates: Sequence[DraftEstimate], sampled: Sequence[bool], proposals: int) -> list[DraftTree]:
+    def trim(
+        self, trees: Sequence[DraftTree], estimates: Sequence[DraftEstimate], sampled: Sequence[bool], proposal_seconds: Sequence[float]
+    ) -> list[DraftTree]:
         """Each tree cut to the nodes worth their rows this round (root-only when none is):
         nodes enter best expected value first while the round's expected tokens per second
-        rise. Trees without scores stay whole. A probe that did not pay for itself (the round
+        rise (a probe's most likely node enters first, whatever it costs). Trees without scores stay whole. A probe that did not pay for itself (the round
         would be faster without the proposal and its nodes) doubles its request's pause (up to
-        `max_pause`); a probe that did, and any chosen proposal with a node kept, reset it."""
+        `max_pause`); a probe that did, and any chosen proposal with a node kept, reset it.
+        `proposal_seconds[i]`: what request i's proposal took this round (0: none)."""
+        proposals = sum(proposal_seconds)
         rows = sum(1 if t.scores is not None else len(t) for t in trees)
         sampled_rows = sum(s * (1 if t.scores is not None else len(t)) for t, s in zip(trees, sampled))
         tokens = float(len(trees))
@@ -209,6 +216,13 @@ class SpeculationBudget:
         kept: list[list[int]] = [[0] for _ in trees]
         gains = [0.0] * len(trees)
         for neg_value, i, j in sorted(candidates):
+            if estimates[i].probing and len(kept[i]) == 1 and trees[i].parents[j] == 0:
+                kept[i].append(j)  # a probe's most likely node: verified whatever it costs, to keep the record current
+                gains[i] -= neg_value
+                rows, sampled_rows, tokens = rows + 1, sampled_rows + sampled[i], tokens - neg_value
+        for neg_value, i, j in sorted(candidates):
+            if j in kept[i]:
+                continue
             now = tokens / self._round(rows, sampled_rows, proposals)
             later = (tokens - neg_value) / self._round(rows + 1, sampled_rows + sampled[i], proposals)
             if later <= now:
@@ -227,7 +241,7 @@ class SpeculationBudget:
             if estimate.probing and len(tree) > 1:
                 # Paid: the round is faster with this proposal and its nodes than without either.
                 extra = len(nodes) - 1
-                without = (tokens - gains[i]) / self._round(rows - extra, sampled_rows - extra * sampled[i], proposals - 1)
+                without = (tokens - gains[i]) / self._round(rows - extra, sampled_rows - extra * sampled[i], proposals - proposal_seconds[i])
                 estimate.pause = self.first_pause if rate > without else min(2 * estimate.pause, self.max_pause)
             elif len(nodes) > 1:
                 estimate.pause = self.first_pause
@@ -235,47 +249,48 @@ class SpeculationBudget:
             out.append(subtree(tree.tokens, tree.parents, sorted(nodes), tree.scores))
         return out
 
-    def record_proposal(self, seconds: float) -> None:
-        self.proposal_seconds = _mix(self.proposal_seconds, seconds)
+    def record_proposal(self, backlog: int, seconds: float) -> None:
+        self.proposals.add(float(backlog), seconds)
 
     def record_round(self, seconds: float, rows: int, sampled_rows: int) -> None:
         """A round's measured time without its proposals, against what the calibration predicts."""
-        self.fit.add(self.costs.seconds(rows, sampled_rows), seconds)
+        self.rounds.add(self.costs.seconds(rows, sampled_rows), seconds)
 
-    def _round(self, rows: int, sampled_rows: int, proposals: int) -> float:
-        return self.fit.predict(self.costs.seconds(rows, sampled_rows)) + proposals * (self.proposal_seconds or 0.0)
+    def _round(self, rows: int, sampled_rows: int, proposal_seconds: float) -> float:
+        return self.rounds.predict(self.costs.seconds(rows, sampled_rows)) + proposal_seconds
 
 
 @dataclass
-class RoundFit:
-    """measured = scale * calibrated + overhead, fitted by least squares over fading recent
-    rounds: the overhead is what every round pays beyond its forward (the walk, commits,
-    drafter updates, text); the scale carries what the calibration missed per row (longer
-    contexts than calibrated, a busier machine). With too little spread in the rounds' sizes
-    to tell the two apart, the scale stays 1."""
+class LinearFit:
+    """y = slope * x + intercept by least squares over fading recent samples. With too little
+    spread in x to tell slope from intercept, the slope stays at its prior `slope`; a fitted
+    slope is held within [low, high]."""
 
+    slope: float = 1.0
+    low: float = 0.5
+    high: float = 3.0
     n: float = 0.0
     x: float = 0.0
     y: float = 0.0
     xx: float = 0.0
     xy: float = 0.0
 
-    def add(self, calibrated: float, measured: float, fade: float = 0.98) -> None:
+    def add(self, x: float, y: float, fade: float = 0.98) -> None:
         self.n = fade * self.n + 1.0
-        self.x = fade * self.x + calibrated
-        self.y = fade * self.y + measured
-        self.xx = fade * self.xx + calibrated * calibrated
-        self.xy = fade * self.xy + calibrated * measured
+        self.x = fade * self.x + x
+        self.y = fade * self.y + y
+        self.xx = fade * self.xx + x * x
+        self.xy = fade * self.xy + x * y
 
-    def predict(self, calibrated: float) -> float:
+    def predict(self, x: float) -> float:
         if self.n == 0:
-            return calibrated
+            return self.slope * x
         mx, my = self.x / self.n, self.y / self.n
         var = self.xx / self.n - mx * mx
-        scale = 1.0
-        if var > (0.1 * mx) ** 2:
-            scale = min(max((self.xy / self.n - mx * my) / var, 0.5), 3.0)
-        return scale * calibrated + max(my - scale * mx, 0.0)
+        slope = self.slope
+        if var > max((0.1 * mx) ** 2, 1e-12):
+            slope = min(max((self.xy / self.n - mx * my) / var, self.low), self.high)
+        return slope * x + max(my - slope * mx, 0.0)
 
 
 def tree_value(tree: DraftTree) -> float:

@@ -53,6 +53,12 @@ class DraftSession(ABC):
     def close(self) -> None:
         """Free the session's resources; further calls are errors."""
 
+    @property
+    def backlog(self) -> int:
+        """Committed tokens whose features the drafter has not read yet (it reads them in the
+        next `propose`, which costs more the longer the backlog); 0 where it cannot tell."""
+        return 0
+
 
 class Drafter(ABC):
     """Creates sessions; one per sequence being generated."""
@@ -111,6 +117,10 @@ class HeadDraftSession(DraftSession):
         self._root_hidden: torch.Tensor | None = None
         self._root_feature: torch.Tensor | None = None
         self.closed = False
+
+    @property
+    def backlog(self) -> int:
+        return sum(f.shape[0] for f in self._pending)
 
     @property
     def tokens(self) -> list[int]:

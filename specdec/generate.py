@@ -142,6 +142,11 @@ class Generation:
         return self.text_stream.text
 
     @property
+    def draft_backlog(self) -> int:
+        """Committed tokens the drafter session has not read yet (it reads them when proposing)."""
+        return self._session.backlog if self._session is not None else 0
+
+    @property
     def drafted(self) -> bool:
         """Whether this round's `plan` got a proposal from the drafter."""
         return self._drafted
@@ -198,7 +203,6 @@ class Generation:
         """Start the next round (reopening a failed drafter session when its retry is due);
         returns whether the round may draft: a session, the back-off allows, room in the context."""
         self._round += 1
-        self.estimate.tick()
         if self._session is None and self._retry_at is not None and self._round >= self._retry_at:
             self._session = self._open(self.prompt_ids + self.token_ids)
             self._retry_at = None if self._session else self._round + self.retry_rounds
@@ -351,7 +355,6 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     forward over all their trees. Without a budget every generation that may draft proposes its
     full tree; with one, the budget chooses who drafts and which nodes are verified."""
     round_began = time.perf_counter()
-    proposing = 0.0
     outcome: list[Chunk | Exception | None] = [None] * len(generations)
     may_draft = [False] * len(generations)
     for i, gen in enumerate(generations):
@@ -366,23 +369,25 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     else:
         chosen = budget.drafters(
             [generations[i].estimate for i in live], [may_draft[i] for i in live],
-            [_tree_size(generations[i]) for i in live], [sampled[i] for i in live],
+            [_tree_size(generations[i]) for i in live], [sampled[i] for i in live], [generations[i].draft_backlog for i in live],
         )
         drafting = dict(zip(live, chosen))
     trees: dict[int, DraftTree] = {}
+    proposal_seconds = dict.fromkeys(live, 0.0)
     for i in live:
         try:
-            began = time.perf_counter()
+            backlog, began = generations[i].draft_backlog, time.perf_counter()
             trees[i] = generations[i].plan(drafting[i])
             if generations[i].drafted and budget is not None:
-                budget.record_proposal(time.perf_counter() - began)
-                proposing += time.perf_counter() - began
+                proposal_seconds[i] = time.perf_counter() - began
+                budget.record_proposal(backlog, proposal_seconds[i])
         except Exception as exc:  # noqa: BLE001
             outcome[i] = exc
     live = [i for i in live if i in trees]
     if budget is not None and live:
-        proposals = sum(generations[i].drafted for i in live)
-        cut = budget.trim([trees[i] for i in live], [generations[i].estimate for i in live], [sampled[i] for i in live], proposals)
+        cut = budget.trim(
+            [trees[i] for i in live], [generations[i].estimate for i in live], [sampled[i] for i in live], [proposal_seconds[i] for i in live]
+        )
         trees.update(zip(live, cut))
         for i in live:
             if may_draft[i] and len(trees[i]) == 1:
@@ -405,7 +410,7 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     if budget is not None:
         rows = sum(len(trees[i]) for i in live)
         sampled_rows = sum(len(trees[i]) for i in live if sampled[i])
-        budget.record_round(time.perf_counter() - round_began - proposing, rows, sampled_rows)
+        budget.record_round(time.perf_counter() - round_began - sum(proposal_seconds.values()), rows, sampled_rows)
     return Round(outcome, draft_rows)  # type: ignore[arg-type]
 
 

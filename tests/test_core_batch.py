@@ -108,8 +108,9 @@ def test_the_budget_changes_trees_not_tokens(costs, sampled):
     for gen, request in zip(gens, reqs):
         assert gen.token_ids == alone(runner, request, drafter)
     drafted = sum(n * count for n, count in batch.stats.draft_rows.items())
-    if costs is DEAR_ROWS:
-        assert drafted == 0
+    if costs is DEAR_ROWS:  # only probes verify a node: their most likely one
+        assert set(batch.stats.draft_rows) <= {0, 1}
+        assert batch.stats.draft_rows[0] > 2 * batch.stats.draft_rows[1]
         assert sum(g.stats.budget_plain_rounds for g in gens) > 0
     else:
         assert drafted > 0
@@ -123,13 +124,13 @@ def test_dear_rows_shrink_trees_as_the_batch_grows():
     drafter = tiny_drafter(runner, tree=TreeConfig(top_k=3, depth=4, total_tokens=10, min_prob=0.0), seed=2)
     verified = {}
     for size in (1, 8):
-        budget = SpeculationBudget(costs, proposal_seconds=0.001)
+        budget = SpeculationBudget(costs)
         gens = [make(runner, r, drafter) for r in requests(2, size)]
         for gen in gens:
             while gen.prefilling:
                 gen.prefill_step()
         live = [g for g in gens if not g.finished and g.begin_round()]
-        cut = budget.trim([g.plan(True) for g in live], [g.estimate for g in live], [False] * len(live), len(live))
+        cut = budget.trim([g.plan(True) for g in live], [g.estimate for g in live], [False] * len(live), [0.001] * len(live))
         verified[size] = sum(len(t) - 1 for t in cut) / len(cut)
         for gen in gens:
             gen.close()
