@@ -134,10 +134,14 @@ class SpeculationBudget:
     batch of generations."""
 
     costs: CostModel
-    # A round's measured time (without proposals) against the calibration: the scale carries
-    # what the calibration missed per row (longer contexts, a busier machine), the intercept
-    # what every round pays beyond its forward (the walk, commits, drafter updates, text).
+    # A plain round's measured time against the calibration: the scale carries what the
+    # calibration missed per row (longer contexts, a busier machine), the intercept what every
+    # round pays beyond its forward (the walk, commits, drafter updates, text).
     rounds: LinearFit = field(default_factory=lambda: LinearFit())
+    # What draft rows add to a round, measured, against what the calibration says they add:
+    # tree masks, the commit of a path, longer walks and drafter updates come on top.
+    drafts: LinearFit = field(default_factory=lambda: LinearFit())
+    _base: tuple[int, int] = (0, 0)  # the round being planned: its requests, and the sampled ones
     # A proposal's time against the pairs of features its session has not read yet: a request
     # that has not drafted for a while first feeds its head everything since.
     proposals: LinearFit = field(default_factory=lambda: LinearFit(slope=0.0, low=0.0, high=1.0))
@@ -157,6 +161,7 @@ class SpeculationBudget:
         be stale (text turns predictable, a repeat begins)."""
         choose = [False] * len(estimates)
         rows, sampled_rows = len(estimates), sum(sampled)
+        self._base = (rows, sampled_rows)
         tokens, proposals = float(len(estimates)), 0.0
         ranked = []
         for i, (estimate, allowed) in enumerate(zip(estimates, may_draft)):
@@ -203,8 +208,10 @@ class SpeculationBudget:
         rise (a probe's most likely node enters first, whatever it costs). Trees without scores stay whole. A probe that did not pay for itself (the round
         would be faster without the proposal and its nodes) doubles its request's pause (up to
         `max_pause`); a probe that did, and any chosen proposal with a node kept, reset it.
-        `proposal_seconds[i]`: what request i's proposal took this round (0: none)."""
+        `proposal_seconds[i]`: what request i's proposal took this round (0: none, or only its
+        cheap lookup drafts)."""
         proposals = sum(proposal_seconds)
+        self._base = (len(trees), sum(sampled))
         rows = sum(1 if t.scores is not None else len(t) for t in trees)
         sampled_rows = sum(s * (1 if t.scores is not None else len(t)) for t, s in zip(trees, sampled))
         tokens = float(len(trees))
@@ -243,7 +250,7 @@ class SpeculationBudget:
                 extra = len(nodes) - 1
                 without = (tokens - gains[i]) / self._round(rows - extra, sampled_rows - extra * sampled[i], proposals - proposal_seconds[i])
                 estimate.pause = self.first_pause if rate > without else min(2 * estimate.pause, self.max_pause)
-            elif len(nodes) > 1:
+            elif len(nodes) > 1 and proposal_seconds[i] > 0:
                 estimate.pause = self.first_pause
             estimate.probing = False
             out.append(subtree(tree.tokens, tree.parents, sorted(nodes), tree.scores))
@@ -252,12 +259,22 @@ class SpeculationBudget:
     def record_proposal(self, backlog: int, seconds: float) -> None:
         self.proposals.add(float(backlog), seconds)
 
-    def record_round(self, seconds: float, rows: int, sampled_rows: int) -> None:
-        """A round's measured time without its proposals, against what the calibration predicts."""
-        self.rounds.add(self.costs.seconds(rows, sampled_rows), seconds)
+    def record_round(self, seconds: float, requests: int, sampled_requests: int, rows: int, sampled_rows: int) -> None:
+        """A round's measured time without its proposals, against what the calibration predicts
+        for its roots (one per request) and for its draft rows on top."""
+        base = self.costs.seconds(requests, sampled_requests)
+        if rows == requests:
+            self.rounds.add(base, seconds)
+        else:
+            self.drafts.add(self.costs.seconds(rows, sampled_rows) - base, seconds - self.rounds.predict(base))
 
     def _round(self, rows: int, sampled_rows: int, proposal_seconds: float) -> float:
-        return self.rounds.predict(self.costs.seconds(rows, sampled_rows)) + proposal_seconds
+        requests, sampled_requests = self._base
+        base = self.costs.seconds(requests, sampled_requests)
+        seconds = self.rounds.predict(base) + proposal_seconds
+        if rows > requests:
+            seconds += self.drafts.predict(self.costs.seconds(rows, sampled_rows) - base)
+        return seconds
 
 
 @dataclass

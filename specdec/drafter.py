@@ -59,6 +59,12 @@ class DraftSession(ABC):
         next `propose`, which costs more the longer the backlog); 0 where it cannot tell."""
         return 0
 
+    def lookup(self) -> DraftTree | None:
+        """A tree of drafts found without the head (a lookup chain: what followed an earlier
+        occurrence of the current suffix), cheap enough to ask for every round; None when
+        there is none or the drafter has no such source."""
+        return None
+
 
 class Drafter(ABC):
     """Creates sessions; one per sequence being generated."""
@@ -157,20 +163,38 @@ class HeadDraftSession(DraftSession):
         self._root_hidden, self._root_feature = hidden[-1], feature[-1]
         self._pending = []
 
+    def lookup(self) -> DraftTree | None:
+        if self.closed:
+            raise RuntimeError("session is closed")
+        cands, _ = self._chain()
+        return cands.select(self.tree.total_tokens, self._min_score) if len(cands.tokens) > 1 else None
+
+    @property
+    def _min_score(self) -> float:
+        return math.log(self.tree.min_prob) if self.tree.min_prob > 0 else -math.inf
+
+    def _chain(self) -> tuple[CandidateTree, bool]:
+        """Candidates holding the root and the lookup chain (if any), and whether the chain is
+        likely enough to be proposed without the head."""
+        cfg = self.tree
+        cands = CandidateTree([self.tokens[-1]])
+        chain = self.index.lookup(cfg.lookup_tokens) if cfg.lookup_tokens else None
+        if chain is None:
+            return cands, False
+        node = 0
+        for token, score in zip(chain.tokens, chain.log_probs):
+            node = cands.add(node, token, score)
+        return cands, chain.log_probs[0] >= math.log(cfg.lookup_alone)
+
     @torch.inference_mode()
     def propose(self) -> DraftTree:
         if self.closed:
             raise RuntimeError("session is closed")
         cfg, head = self.tree, self.head
-        min_score = math.log(cfg.min_prob) if cfg.min_prob > 0 else -math.inf
-        cands = CandidateTree([self.tokens[-1]])
-        chain = self.index.lookup(cfg.lookup_tokens) if cfg.lookup_tokens else None
-        if chain is not None:
-            node = 0
-            for token, score in zip(chain.tokens, chain.log_probs):
-                node = cands.add(node, token, score)
-            if chain.log_probs[0] >= math.log(cfg.lookup_alone):
-                return cands.select(cfg.total_tokens, min_score)
+        min_score = self._min_score
+        cands, alone = self._chain()
+        if alone:
+            return cands.select(cfg.total_tokens, min_score)
         self._consume_pending()
         committed = self.cache.length
         k = cfg.top_k

@@ -215,15 +215,16 @@ class Generation:
             return False
         return self.state.length + self.drafter.budget < self.runner.max_length
 
-    def plan(self, draft: bool) -> DraftTree:
+    def plan(self, draft: bool, lookup: bool = False) -> DraftTree:
         """This round's tree: the drafter's proposal when `draft` (begin_round allowed it and
-        the batch's budget chose it), else the root alone."""
+        the batch's budget chose it); else, with `lookup`, its cheap drafts found without the
+        head (`DraftSession.lookup`); else the root alone."""
         self._drafted = False
-        if not draft:
+        if not draft and not lookup:
             return DraftTree.single(self._root)
         began = time.perf_counter()
         try:
-            tree = self._session.propose()
+            tree = self._session.propose() if draft else self._session.lookup()
         except DrafterUnavailable:
             self._session, self._retry_at = None, self._round + self.retry_rounds
             self.stats.drafter_failures += 1
@@ -239,7 +240,8 @@ class Generation:
             self._refuse(problem)
             return DraftTree.single(self._root)
         self._drafted = True
-        self.estimate.proposed(tree)
+        if draft:
+            self.estimate.proposed(tree)
         return tree
 
     def finish(self, tree: DraftTree, hidden: torch.Tensor, token_after: Callable[[int], int]) -> Chunk:
@@ -377,8 +379,9 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     for i in live:
         try:
             backlog, began = generations[i].draft_backlog, time.perf_counter()
-            trees[i] = generations[i].plan(drafting[i])
-            if generations[i].drafted and budget is not None:
+            # Under a budget, a request left out of drafting still offers its cheap lookup drafts.
+            trees[i] = generations[i].plan(drafting[i], lookup=budget is not None and may_draft[i])
+            if drafting[i] and generations[i].drafted and budget is not None:
                 proposal_seconds[i] = time.perf_counter() - began
                 budget.record_proposal(backlog, proposal_seconds[i])
         except Exception as exc:  # noqa: BLE001
@@ -410,7 +413,8 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     if budget is not None:
         rows = sum(len(trees[i]) for i in live)
         sampled_rows = sum(len(trees[i]) for i in live if sampled[i])
-        budget.record_round(time.perf_counter() - round_began - sum(proposal_seconds.values()), rows, sampled_rows)
+        seconds = time.perf_counter() - round_began - sum(proposal_seconds.values())
+        budget.record_round(seconds, len(live), sum(sampled[i] for i in live), rows, sampled_rows)
     return Round(outcome, draft_rows)  # type: ignore[arg-type]
 
 

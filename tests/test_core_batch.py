@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from specdec.batch import Batch
-from specdec.budget import CostModel, SpeculationBudget
+from specdec.budget import CostModel, LinearFit, SpeculationBudget
 from specdec.config import SamplingParams, StopConfig, TreeConfig
 from specdec.gguf_linear import kernel
 from specdec.generate import Generation
@@ -103,14 +103,15 @@ def test_the_budget_changes_trees_not_tokens(costs, sampled):
     runner = tiny_gguf_runner(4)
     drafter = tiny_drafter(runner, seed=4)
     reqs = requests(4, 6, sampled=sampled)
-    budget = SpeculationBudget(costs)
+    # The synthetic costs taken as exact: the fits may not learn this machine's real timings.
+    budget = SpeculationBudget(costs, rounds=LinearFit(low=1.0, high=1.0), drafts=LinearFit(low=1.0, high=1.0))
     gens, batch = batched(runner, reqs, drafter, budget=budget)
     for gen, request in zip(gens, reqs):
         assert gen.token_ids == alone(runner, request, drafter)
     drafted = sum(n * count for n, count in batch.stats.draft_rows.items())
-    if costs is DEAR_ROWS:  # only probes verify a node: their most likely one
-        assert set(batch.stats.draft_rows) <= {0, 1}
-        assert batch.stats.draft_rows[0] > 2 * batch.stats.draft_rows[1]
+    if costs is DEAR_ROWS:  # drafts are verified only around probes (a probe's most likely node is)
+        drafting_rounds = sum(count for n, count in batch.stats.draft_rows.items() if n)
+        assert batch.stats.draft_rows[0] > 2 * drafting_rounds
         assert sum(g.stats.budget_plain_rounds for g in gens) > 0
     else:
         assert drafted > 0
