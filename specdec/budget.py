@@ -22,6 +22,7 @@ yields the same tokens (`specdec.verify`).
 from __future__ import annotations
 
 import bisect
+from collections import deque
 import math
 import time
 from dataclasses import dataclass, field
@@ -141,7 +142,13 @@ class SpeculationBudget:
     # What draft rows add to a round, measured, against what the calibration says they add:
     # tree masks, the commit of a path, longer walks and drafter updates come on top.
     drafts: LinearFit = field(default_factory=lambda: LinearFit())
+    # How far the model's promises are trusted: drafting rounds that made fewer tokens than plain
+    # rounds would have in the same time lower it, ones that made more raise it (up to 1), and it
+    # recovers slowly without evidence, so a change of load is noticed again.
+    trust: float = 1.0
+    recent: deque[list[float]] = field(default_factory=lambda: deque(maxlen=_HISTORY * 4))  # proposals of any request, calibrated
     _base: tuple[int, int] = (0, 0)  # the round being planned: its requests, and the sampled ones
+    _costs: dict = field(default_factory=dict)
     # A proposal's time against the pairs of features its session has not read yet: a request
     # that has not drafted for a while first feeds its head everything since.
     proposals: LinearFit = field(default_factory=lambda: LinearFit(slope=0.0, low=0.0, high=1.0))
@@ -157,17 +164,22 @@ class SpeculationBudget:
         `backlogs[i]`: the pairs its drafter must read before proposing.
         A request drafts when a proposal, cut to its best size as `trim` will cut it, is
         expected (over its last proposals) to raise the round's tokens per second. A request
-        without a record probes, and so does one left out for `pause` rounds: its record may
-        be stale (text turns predictable, a repeat begins)."""
+        left out for `pause` rounds probes: its record may be stale (text turns predictable, a
+        repeat begins). A new request is judged by the batch's recent proposals and starts with
+        the batch's typical pause; in a batch without any record yet, it probes at once."""
         choose = [False] * len(estimates)
         rows, sampled_rows = len(estimates), sum(sampled)
-        self._base = (rows, sampled_rows)
+        self._plan(rows, sampled_rows)
         tokens, proposals = float(len(estimates)), 0.0
         ranked = []
+        pauses = sorted(e.pause for e in estimates if e.history)
         for i, (estimate, allowed) in enumerate(zip(estimates, may_draft)):
             if not allowed:
                 continue
-            history = estimate.proposals()
+            if not estimate.history and not estimate.idle and pauses:
+                estimate.pause = pauses[len(pauses) // 2]
+            own = estimate.proposals()
+            history = [[self.trust * v for v in values] for values in (own or self.recent)]
             estimate.probing = not history or estimate.idle >= estimate.pause
             if estimate.probing:
                 choose[i] = True
@@ -211,7 +223,7 @@ class SpeculationBudget:
         `proposal_seconds[i]`: what request i's proposal took this round (0: none, or only its
         cheap lookup drafts)."""
         proposals = sum(proposal_seconds)
-        self._base = (len(trees), sum(sampled))
+        self._plan(len(trees), sum(sampled))
         rows = sum(1 if t.scores is not None else len(t) for t in trees)
         sampled_rows = sum(s * (1 if t.scores is not None else len(t)) for t, s in zip(trees, sampled))
         tokens = float(len(trees))
@@ -219,7 +231,7 @@ class SpeculationBudget:
         for i, (tree, estimate) in enumerate(zip(trees, estimates)):
             if tree.scores is not None:
                 scale = estimate.calibration
-                candidates += [(-min(1.0, scale * math.exp(s)), i, j) for j, s in enumerate(tree.scores) if j]
+                candidates += [(-self.trust * min(1.0, scale * math.exp(s)), i, j) for j, s in enumerate(tree.scores) if j]
         kept: list[list[int]] = [[0] for _ in trees]
         gains = [0.0] * len(trees)
         for neg_value, i, j in sorted(candidates):
@@ -256,25 +268,48 @@ class SpeculationBudget:
             out.append(subtree(tree.tokens, tree.parents, sorted(nodes), tree.scores))
         return out
 
-    def record_proposal(self, backlog: int, seconds: float) -> None:
+    def record_proposal(self, backlog: int, seconds: float, estimate: DraftEstimate) -> None:
+        """A proposal's time, and its values (as the request's record calibrates them) for the
+        batch's recent proposals."""
         self.proposals.add(float(backlog), seconds)
+        if estimate.history:
+            self.recent.append(estimate.proposals()[-1])
 
-    def record_round(self, seconds: float, requests: int, sampled_requests: int, rows: int, sampled_rows: int) -> None:
+    def record_round(
+        self, seconds: float, requests: int, sampled_requests: int, rows: int, sampled_rows: int, proposal_seconds: float, accepted: int
+    ) -> None:
         """A round's measured time without its proposals, against what the calibration predicts
-        for its roots (one per request) and for its draft rows on top."""
+        for its roots (one per request) and for its draft rows on top; and, for a round that
+        drafted, whether it made more tokens than plain rounds would have in its time."""
         base = self.costs.seconds(requests, sampled_requests)
+        plain = self.rounds.predict(base)
         if rows == requests:
             self.rounds.add(base, seconds)
         else:
-            self.drafts.add(self.costs.seconds(rows, sampled_rows) - base, seconds - self.rounds.predict(base))
+            self.drafts.add(self.costs.seconds(rows, sampled_rows) - base, seconds - plain)
+        if rows == requests and not proposal_seconds:
+            self.trust = min(1.0, self.trust * 1.01)
+            return
+        surplus = accepted - (seconds + proposal_seconds - plain) * requests / plain
+        self.trust = min(max(self.trust * math.exp(0.05 * max(min(surplus, 2.0), -2.0)), 0.05), 1.0)
+
+    def _plan(self, requests: int, sampled_requests: int) -> None:
+        """Start planning a round of `requests` roots (the costs below are per round)."""
+        self._base = (requests, sampled_requests)
+        self._costs = {}
 
     def _round(self, rows: int, sampled_rows: int, proposal_seconds: float) -> float:
-        requests, sampled_requests = self._base
-        base = self.costs.seconds(requests, sampled_requests)
-        seconds = self.rounds.predict(base) + proposal_seconds
-        if rows > requests:
-            seconds += self.drafts.predict(self.costs.seconds(rows, sampled_rows) - base)
-        return seconds
+        """A round's predicted seconds: its rows' forward (memoised for the round being planned:
+        the choices ask for the same few sizes thousands of times) plus its proposals."""
+        seconds = self._costs.get((rows, sampled_rows))
+        if seconds is None:
+            requests, sampled_requests = self._base
+            base = self.costs.seconds(requests, sampled_requests)
+            seconds = self.rounds.predict(base)
+            if rows > requests:
+                seconds += self.drafts.predict(self.costs.seconds(rows, sampled_rows) - base)
+            self._costs[(rows, sampled_rows)] = seconds
+        return seconds + proposal_seconds
 
 
 @dataclass

@@ -136,6 +136,7 @@ class Generation:
         self._root = -1
         self._drafted = False
         self._closed = False
+        self.last_accepted = 0  # draft tokens the last round accepted
 
     @property
     def text(self) -> str:
@@ -249,6 +250,7 @@ class Generation:
         its tokens `token_after`), commit it and the bonus token, and return the new chunk."""
         stats, state = self.stats, self.state
         acc = verify_walk(tree.tokens, tree.parents, token_after)
+        self.last_accepted = acc.num_accepted
         stats.target_forwards += 1
         self.runner.commit(state, acc.path)
         if self._drafted and len(tree) > 1:
@@ -383,7 +385,7 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
             trees[i] = generations[i].plan(drafting[i], lookup=budget is not None and may_draft[i])
             if drafting[i] and generations[i].drafted and budget is not None:
                 proposal_seconds[i] = time.perf_counter() - began
-                budget.record_proposal(backlog, proposal_seconds[i])
+                budget.record_proposal(backlog, proposal_seconds[i], generations[i].estimate)
         except Exception as exc:  # noqa: BLE001
             outcome[i] = exc
     live = [i for i in live if i in trees]
@@ -413,8 +415,10 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     if budget is not None:
         rows = sum(len(trees[i]) for i in live)
         sampled_rows = sum(len(trees[i]) for i in live if sampled[i])
-        seconds = time.perf_counter() - round_began - sum(proposal_seconds.values())
-        budget.record_round(seconds, len(live), sum(sampled[i] for i in live), rows, sampled_rows)
+        proposing = sum(proposal_seconds.values())
+        accepted = sum(generations[i].last_accepted for i in live if not isinstance(outcome[i], Exception))
+        seconds = time.perf_counter() - round_began - proposing
+        budget.record_round(seconds, len(live), sum(sampled[i] for i in live), rows, sampled_rows, proposing, accepted)
     return Round(outcome, draft_rows)  # type: ignore[arg-type]
 
 
