@@ -75,11 +75,11 @@ class CostModel:
             for repeat in range(repeats + 1):
                 began = time.perf_counter()
                 hidden = torch.cat(runner.forward_trees(states, trees))
-                mid = time.perf_counter()
+                mid = _synchronized(runner)
                 runner.greedy_tokens(hidden)
-                end = time.perf_counter()
+                end = _synchronized(runner)
                 runner.logits(hidden)
-                last = time.perf_counter()
+                last = _synchronized(runner)
                 for state in states:
                     runner.commit(state, [])
                 if repeat:
@@ -354,6 +354,13 @@ def tree_value(tree: DraftTree) -> float:
 def _mix(old: float | None, new: float) -> float:
     """A running mean in which the newest round weighs a quarter (about the last 4-8 rounds)."""
     return new if old is None else 0.75 * old + 0.25 * new
+
+
+def _synchronized(runner: TargetRunner) -> float:
+    """The time once the runner's device has finished its queued work (CUDA runs asynchronously)."""
+    if runner.device.type == "cuda":
+        torch.cuda.synchronize(runner.device)
+    return time.perf_counter()
 
 
 def _interpolate(xs: Sequence[int], ys: Sequence[float], x: int) -> float:

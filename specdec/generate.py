@@ -404,11 +404,11 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     hidden = runner.forward_trees([generations[i].state for i in live], [trees[i] for i in live])
     pickers = runner.tokens_after(hidden, [generations[i].sampling for i in live], [generations[i].generator for i in live])
     shared = time.perf_counter() - began
-    for i, rows, pick in zip(live, hidden, pickers):
+    for i, features, pick in zip(live, hidden, pickers):
         gen = generations[i]
         began = time.perf_counter()
         try:
-            outcome[i] = gen.finish(trees[i], rows, pick)
+            outcome[i] = gen.finish(trees[i], features, pick)
         except Exception as exc:  # noqa: BLE001
             outcome[i] = exc
         gen.stats.verify_seconds += shared + time.perf_counter() - began
