@@ -75,12 +75,11 @@ class Batch:
                     events.append((waiting, chunk))
             except Exception as exc:  # noqa: BLE001 - ends this generation alone
                 events.append((waiting, exc))
-                waiting.finished = True
         decoding = [g for g in self.generations if not g.prefilling and not g.finished]
         self.last_round = decode_round(self.runner, decoding, self.budget) if decoding else None
         if self.last_round is not None:
             events += zip(decoding, self.last_round.outcomes)
-            self._count(self.last_round.draft_rows)
+            self._count(self.last_round)
         for gen, outcome in events:
             if isinstance(outcome, Exception):
                 gen.finished = True
@@ -88,8 +87,7 @@ class Batch:
             self.remove(gen)
         return events
 
-    def _count(self, draft_rows: list[int | None]) -> None:
-        verified = [d for d in draft_rows if d is not None]
-        self.stats.batch_sizes[len(draft_rows)] += 1
-        self.stats.rows[len(verified) + sum(verified)] += 1
-        self.stats.draft_rows.update(verified)
+    def _count(self, round_: Round) -> None:
+        self.stats.batch_sizes[len(round_.draft_rows)] += 1
+        self.stats.rows[round_.rows] += 1
+        self.stats.draft_rows.update(round_.verified)

@@ -22,9 +22,9 @@ yields the same tokens (`specdec.verify`).
 from __future__ import annotations
 
 import bisect
-from collections import deque
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -217,9 +217,10 @@ class SpeculationBudget:
     ) -> list[DraftTree]:
         """Each tree cut to the nodes worth their rows this round (root-only when none is):
         nodes enter best expected value first while the round's expected tokens per second
-        rise (a probe's most likely node enters first, whatever it costs). Trees without scores stay whole. A probe that did not pay for itself (the round
-        would be faster without the proposal and its nodes) doubles its request's pause (up to
-        `max_pause`); a probe that did, and any chosen proposal with a node kept, reset it.
+        rise (a probe's most likely node enters first, whatever it costs). Trees without
+        scores stay whole. A probe that did not pay for itself (the round would be faster
+        without the proposal and its nodes) doubles its request's pause (up to `max_pause`); a
+        probe that did, and any chosen proposal with a node kept, reset it.
         `proposal_seconds[i]`: what request i's proposal took this round (0: none, or only its
         cheap lookup drafts)."""
         proposals = sum(proposal_seconds)
@@ -232,14 +233,15 @@ class SpeculationBudget:
             if tree.scores is not None:
                 scale = estimate.calibration
                 candidates += [(-self.trust * min(1.0, scale * math.exp(s)), i, j) for j, s in enumerate(tree.scores) if j]
+        candidates.sort()
         kept: list[list[int]] = [[0] for _ in trees]
         gains = [0.0] * len(trees)
-        for neg_value, i, j in sorted(candidates):
+        for neg_value, i, j in candidates:
             if estimates[i].probing and len(kept[i]) == 1 and trees[i].parents[j] == 0:
                 kept[i].append(j)  # a probe's most likely node: verified whatever it costs, to keep the record current
                 gains[i] -= neg_value
                 rows, sampled_rows, tokens = rows + 1, sampled_rows + sampled[i], tokens - neg_value
-        for neg_value, i, j in sorted(candidates):
+        for neg_value, i, j in candidates:
             if j in kept[i]:
                 continue
             now = tokens / self._round(rows, sampled_rows, proposals)
@@ -349,11 +351,6 @@ def tree_value(tree: DraftTree) -> float:
     """Expected accepted drafts of a tree by its own scores: a node is accepted exactly when
     the target agrees with its whole path, whose probability its cumulative score estimates."""
     return sum(math.exp(s) for s in (tree.scores or [])[1:])
-
-
-def _mix(old: float | None, new: float) -> float:
-    """A running mean in which the newest round weighs a quarter (about the last 4-8 rounds)."""
-    return new if old is None else 0.75 * old + 0.25 * new
 
 
 def _synchronized(runner: TargetRunner) -> float:

@@ -149,7 +149,7 @@ class Generation:
 
     @property
     def drafted(self) -> bool:
-        """Whether this round's `plan` got a proposal from the drafter."""
+        """Whether this round's `plan` got drafts from the drafter (a proposal or its lookup drafts)."""
         return self._drafted
 
     @property
@@ -227,8 +227,7 @@ class Generation:
         try:
             tree = self._session.propose() if draft else self._session.lookup()
         except DrafterUnavailable:
-            self._session, self._retry_at = None, self._round + self.retry_rounds
-            self.stats.drafter_failures += 1
+            self._lose_session()
             tree = None
         except InvalidTree as exc:
             self._refuse(str(exc))
@@ -268,8 +267,7 @@ class Generation:
             try:
                 self._session.extend(new, accepted_features)
             except DrafterUnavailable:
-                self._session, self._retry_at = None, self._round + self.retry_rounds
-                self.stats.drafter_failures += 1
+                self._lose_session()
         return chunk
 
     def close(self) -> None:
@@ -290,6 +288,11 @@ class Generation:
             self._store(self.state)
         self.state = None
         self._history = []
+
+    def _lose_session(self) -> None:
+        """The drafter failed mid-generation: decode plainly and retry it `retry_rounds` later."""
+        self._session, self._retry_at = None, self._round + self.retry_rounds
+        self.stats.drafter_failures += 1
 
     def _refuse(self, problem: str) -> None:
         self.stats.invalid_trees += 1
@@ -353,6 +356,16 @@ class Round:
     outcomes: list[Chunk | Exception]
     draft_rows: list[int | None]
 
+    @property
+    def verified(self) -> list[int]:
+        """Draft nodes verified by each generation that reached the forward."""
+        return [d for d in self.draft_rows if d is not None]
+
+    @property
+    def rows(self) -> int:
+        """Rows of the round's target forward: a root and its verified drafts per generation."""
+        return sum(d + 1 for d in self.verified)
+
 
 def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget: SpeculationBudget | None = None) -> Round:
     """One round for every generation (each past its prefill, none finished) with one target
@@ -379,13 +392,14 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     trees: dict[int, DraftTree] = {}
     proposal_seconds = dict.fromkeys(live, 0.0)
     for i in live:
+        gen = generations[i]
         try:
-            backlog, began = generations[i].draft_backlog, time.perf_counter()
+            backlog, drafting_before = gen.draft_backlog, gen.stats.draft_seconds
             # Under a budget, a request left out of drafting still offers its cheap lookup drafts.
-            trees[i] = generations[i].plan(drafting[i], lookup=budget is not None and may_draft[i])
-            if drafting[i] and generations[i].drafted and budget is not None:
-                proposal_seconds[i] = time.perf_counter() - began
-                budget.record_proposal(backlog, proposal_seconds[i], generations[i].estimate)
+            trees[i] = gen.plan(drafting[i], lookup=budget is not None and may_draft[i])
+            if drafting[i] and gen.drafted and budget is not None:
+                proposal_seconds[i] = gen.stats.draft_seconds - drafting_before
+                budget.record_proposal(backlog, proposal_seconds[i], gen.estimate)
         except Exception as exc:  # noqa: BLE001
             outcome[i] = exc
     live = [i for i in live if i in trees]

@@ -206,7 +206,7 @@ class TargetRunner:
         `greedy_tokens` for the argmax instead). The nodes' KV entries stay provisional until `commit`.
         """
         hidden = self.forward_trees([state], [tree])[0]
-        return (self.lean.lm_head(hidden) if logits else None), hidden
+        return (self.logits(hidden) if logits else None), hidden
 
     @torch.inference_mode()
     def forward_trees(self, states: Sequence[SequenceState], trees: Sequence[DraftTree]) -> list[torch.Tensor]:
@@ -274,10 +274,10 @@ class TargetRunner:
             rows = torch.cat([features[i] for i in which]) if len(which) > 1 else features[which[0]]
             sizes = [features[i].shape[0] for i in which]
             if greedy:
-                ids = self.greedy_tokens(rows)
-                offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-                for i, offset, size in zip(which, offsets, sizes):
+                ids, offset = self.greedy_tokens(rows), 0
+                for i, size in zip(which, sizes):
                     pickers[i] = ids[offset : offset + size].__getitem__
+                    offset += size
             else:
                 for i, logits in zip(which, self.logits(rows).split(sizes)):
                     pickers[i] = _sampler(logits, params[i], generators[i])

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from specdec.generate import GenerationStats
+from specdec.generate import GenerationStats, Round
 
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 32.0)
 _BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
@@ -70,12 +70,11 @@ class Metrics:
         self.invalid_trees.inc(stats.invalid_trees)
         self.drafter_failures.inc(stats.drafter_failures)
 
-    def record_round(self, draft_rows: list[int | None]) -> None:
-        """One batched round: each request's verified draft nodes (None: it failed first)."""
-        verified = [d for d in draft_rows if d is not None]
-        self.batch_size.observe(len(draft_rows))
-        self.rows.observe(len(verified) + sum(verified))
-        for drafts in verified:
+    def record_round(self, round_: Round) -> None:
+        """One batched round: its size, its forward's rows, each request's verified draft nodes."""
+        self.batch_size.observe(len(round_.draft_rows))
+        self.rows.observe(round_.rows)
+        for drafts in round_.verified:
             self.budget.observe(drafts)
 
     def render(self) -> bytes:

@@ -165,7 +165,7 @@ class Scheduler:
 
     def _deliver(self, events: list[tuple[Generation, Chunk | Exception]]) -> None:
         if self.batch.last_round is not None:
-            self.metrics.record_round(self.batch.last_round.draft_rows)
+            self.metrics.record_round(self.batch.last_round)
         for gen, outcome in events:
             request = self._owner.get(id(gen))
             if request is None:
