@@ -142,9 +142,7 @@ def test_dear_rows_shrink_trees_as_the_batch_grows():
 def test_a_cancelled_request_leaves_the_others_unchanged():
     runner = tiny_gguf_runner(5)
     drafter = tiny_drafter(runner, seed=5)
-    reqs = requests(5, 5)
-    for r in reqs:
-        r["stop"] = StopConfig(max_new_tokens=30)
+    reqs = [{**r, "stop": StopConfig(max_new_tokens=30)} for r in requests(5, 5)]
     gens, _ = batched(runner, reqs, drafter, cancel=1)
     assert gens[1].state is None and gens[1].finished and len(gens[1].token_ids) < 30
     for i, (gen, request) in enumerate(zip(gens, reqs)):
@@ -156,9 +154,7 @@ def test_a_cancelled_request_leaves_the_others_unchanged():
 def test_one_failing_request_ends_alone():
     runner = tiny_gguf_runner(6)
     drafter = tiny_drafter(runner, seed=6)
-    reqs = requests(6, 4)
-    for r in reqs:
-        r["stop"] = StopConfig(max_new_tokens=25)
+    reqs = [{**r, "stop": StopConfig(max_new_tokens=25)} for r in requests(6, 4)]
     batch = Batch(runner)
     gens = [make(runner, r, drafter) for r in reqs]
     for gen in gens:

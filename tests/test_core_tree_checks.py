@@ -15,18 +15,14 @@ from specdec.config import SamplingParams, StopConfig
 from specdec.drafter import Drafter, DraftSession
 from specdec.generate import Generation
 from specdec.tree import DraftTree, tree_problem
-from tests.tiny import tiny_runner
+from tests.tiny import draft_trees, tiny_runner
 
 VOCAB = 16
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-@st.composite
-def trees(draw, max_nodes: int = 12) -> DraftTree:
-    n = draw(st.integers(1, max_nodes))
-    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
-    tokens = draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n))
-    return DraftTree(tokens, parents)
+def trees(max_nodes: int = 12) -> st.SearchStrategy[DraftTree]:
+    return draft_trees(VOCAB, max_nodes)
 
 
 @given(trees())

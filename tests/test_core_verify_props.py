@@ -10,16 +10,13 @@ from specdec.config import SamplingParams
 from specdec.sampling import make_generator, sample, warp_probs
 from specdec.tree import DraftTree, ancestor_matrix, select_nodes, subtree
 from specdec.verify import verify_walk
+from tests.tiny import draft_trees
 
 VOCAB = 8
 
 
-@st.composite
-def trees(draw, max_nodes: int = 12) -> DraftTree:
-    n = draw(st.integers(1, max_nodes))
-    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
-    tokens = draw(st.lists(st.integers(0, VOCAB - 1), min_size=n, max_size=n))
-    return DraftTree(tokens, parents)
+def trees(max_nodes: int = 12) -> st.SearchStrategy[DraftTree]:
+    return draft_trees(VOCAB, max_nodes)
 
 
 @st.composite

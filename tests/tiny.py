@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 
 import torch
+from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from specdec.config import TreeConfig
@@ -180,3 +181,12 @@ class SlowDrafter(HeadDrafter):
 
         session.propose = slow_propose
         return session
+
+
+@st.composite
+def draft_trees(draw, vocab: int, max_nodes: int = 12) -> DraftTree:
+    """Any valid draft tree of up to `max_nodes` nodes over token ids below `vocab`."""
+    n = draw(st.integers(1, max_nodes))
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, n)]
+    tokens = draw(st.lists(st.integers(0, vocab - 1), min_size=n, max_size=n))
+    return DraftTree(tokens, parents)
