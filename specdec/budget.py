@@ -15,7 +15,7 @@ round's expected tokens per second, then admits their nodes, most likely first, 
 rule. With many requests in the batch every row costs nearly a full token's compute, so trees
 shrink; where drafts are rarely accepted no node pays and the round is plain batched decoding.
 A request kept from drafting probes again after a pause that doubles with every probe that
-does not pay. The choice only changes which tree is verified, never the output: every tree
+does not pay; where not even a proposal sure to be accepted would pay, nobody probes. The choice only changes which tree is verified, never the output: every tree
 yields the same tokens (`specdec.verify`).
 """
 
@@ -176,6 +176,9 @@ class SpeculationBudget:
         for i, (estimate, allowed) in enumerate(zip(estimates, may_draft)):
             if not allowed:
                 continue
+            if not self._could_pay(rows, sampled_rows, sizes[i], sampled[i], self.proposals.predict(backlogs[i])):
+                estimate.idle += 1
+                continue
             if not estimate.history and not estimate.idle and pauses:
                 estimate.pause = pauses[len(pauses) // 2]
             own = estimate.proposals()
@@ -211,6 +214,14 @@ class SpeculationBudget:
             if allowed and not chosen:
                 estimate.idle += 1
         return choose
+
+    def _could_pay(self, rows: int, sampled_rows: int, size: int, sampled: bool, cost: float) -> bool:
+        """Whether a proposal of up to `size` nodes would raise the round's tokens per second
+        if every draft were sure to be accepted. Where not even that pays (every row costs
+        about a whole token's share of the round: a large batch on a CPU), no proposal can,
+        and the request neither drafts nor probes: the round is plain batched decoding."""
+        plain = rows / self._round(rows, sampled_rows, 0.0)
+        return any((rows + k) / self._round(rows + k, sampled_rows + k * sampled, cost) > plain for k in range(1, size))
 
     def trim(
         self, trees: Sequence[DraftTree], estimates: Sequence[DraftEstimate], sampled: Sequence[bool], proposal_seconds: Sequence[float]

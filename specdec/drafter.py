@@ -16,10 +16,12 @@ an embedded drafter from a remote one.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import math
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -80,6 +82,18 @@ class Drafter(ABC):
         tokens before the root, [len(token_ids) - 1, d], or of only the last F of them where the
         drafter reads no more (`HeadDrafter`: at least `TreeConfig.head_context`)."""
 
+    def propose_many(self, sessions: Sequence[DraftSession]) -> list[DraftTree | Exception]:
+        """Each of `sessions`' proposal (sessions of this drafter), or the exception its
+        `propose` raised, in order: one after another here; a drafter that can run them
+        together (`HeadDrafter`: one head forward per depth for all) overrides it."""
+        out: list[DraftTree | Exception] = []
+        for session in sessions:
+            try:
+                out.append(session.propose())
+            except Exception as exc:  # noqa: BLE001 - handed to that session's generation
+                out.append(exc)
+        return out
+
     def state(self) -> str:
         """What a readiness probe reports: an in-process drafter is always 'embedded'."""
         return "embedded"
@@ -98,6 +112,9 @@ class HeadDrafter(Drafter):
     @property
     def budget(self) -> int:
         return self.tree.total_tokens
+
+    def propose_many(self, sessions: Sequence[DraftSession]) -> list[DraftTree | Exception]:
+        return propose_together(self.head, self.tree, sessions)  # type: ignore[arg-type]
 
     def open(self, token_ids: Sequence[int], features: torch.Tensor) -> "HeadDraftSession":
         skipped = len(token_ids) - 1 - features.shape[0]
@@ -142,13 +159,12 @@ class HeadDraftSession(DraftSession):
         if len(token_ids):
             self._pending.append(features.to(self.device, self.dtype))
 
-    @torch.inference_mode()
-    def _consume_pending(self) -> None:
-        """Run the head over the (feature, next token) pairs not seen yet, caching their KV; on
-        the first run, over the last `head_context` of them. Positions count from the first
-        pair read: rotary attention depends only on the distance between positions."""
+    def _pending_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+        """The (feature, next token, position) rows the head has not read yet, and forget them
+        as pending; on the first read only the last `head_context` of them. Positions count from
+        the first pair read: rotary attention depends only on the distance between positions."""
         if not self._pending:
-            return
+            return None
         feats = torch.cat(self._pending)
         start = self.cache.length
         if not start and 0 < self.tree.head_context < feats.shape[0]:
@@ -158,20 +174,15 @@ class HeadDraftSession(DraftSession):
         count = feats.shape[0]
         first = self._skipped + start
         nxt = torch.tensor(self.tokens[first + 1 : first + 1 + count], device=self.device)
-        positions = torch.arange(start, start + count, device=self.device)
-        hidden, feature = self.head.step(feats, nxt, positions, None, self.cache)
-        self._root_hidden, self._root_feature = hidden[-1], feature[-1]
         self._pending = []
+        return feats, nxt, torch.arange(start, start + count, device=self.device)
 
     def lookup(self) -> DraftTree | None:
         if self.closed:
             raise RuntimeError("session is closed")
         cands, _ = self._chain()
-        return cands.select(self.tree.total_tokens, self._min_score) if len(cands.tokens) > 1 else None
+        return cands.select(self.tree.total_tokens, _min_score(self.tree)) if len(cands.tokens) > 1 else None
 
-    @property
-    def _min_score(self) -> float:
-        return math.log(self.tree.min_prob) if self.tree.min_prob > 0 else -math.inf
 
     def _chain(self) -> tuple[CandidateTree, bool]:
         """Candidates holding the root and the lookup chain (if any), and whether the chain is
@@ -186,66 +197,147 @@ class HeadDraftSession(DraftSession):
             node = cands.add(node, token, score)
         return cands, chain.log_probs[0] >= math.log(cfg.lookup_alone)
 
-    @torch.inference_mode()
     def propose(self) -> DraftTree:
-        if self.closed:
-            raise RuntimeError("session is closed")
-        cfg, head = self.tree, self.head
-        min_score = self._min_score
-        cands, alone = self._chain()
-        if alone:
-            return cands.select(cfg.total_tokens, min_score)
-        self._consume_pending()
-        committed = self.cache.length
-        k = cfg.top_k
-        # Depth 1: children of the root from the last committed pair's output.
-        logp = torch.log_softmax(head.logits(self._root_hidden).float(), -1)
-        top = torch.topk(logp, min(k, logp.shape[-1]))
-        frontier = [cands.add(0, t, v) for t, v in zip(head.d2t[top.indices].tolist(), top.values.tolist())]
-        frontier_inputs = self._root_feature.expand(len(frontier), -1)
-        # Draft-cache slot of each expanded node (to build ancestor masks).
-        slot: dict[int, int] = {}
-        for depth in range(2, cfg.depth + 1):
-            # A frontier node that can no longer be selected (below min_prob, or below the
-            # best total_tokens - 1 candidates so far, a strong lookup chain's included) has
-            # no child that could be: expanding it would only cost time. The tree is unchanged.
-            bar = cands.bar(cfg.total_tokens, min_score)
-            live = [j for j, node in enumerate(frontier) if cands.scores[node] >= bar]
-            if not live:
-                break
-            if len(live) < len(frontier):
-                frontier, frontier_inputs = [frontier[j] for j in live], frontier_inputs[live]
-            base = self.cache.length
-            for j, node in enumerate(frontier):
-                slot[node] = base + j
-            mask = torch.zeros(len(frontier), base + len(frontier), dtype=torch.bool, device=self.device)
-            mask[:, :committed] = True
-            for j, node in enumerate(frontier):
-                a = node
-                while a != 0:
-                    mask[j, slot[a]] = True
-                    a = cands.parents[a]
-            ids = torch.tensor([cands.tokens[n] for n in frontier], device=self.device)
-            positions = torch.full((len(frontier),), committed + depth - 2, device=self.device)
-            hidden, feature = head.step(frontier_inputs, ids, positions, mask, self.cache)
-            logp = torch.log_softmax(head.logits(hidden).float(), -1)
-            top = torch.topk(logp, min(k, logp.shape[-1]), dim=-1)
-            kk = top.indices.shape[-1]
-            children = [
-                cands.add(parent, token, cands.scores[parent] + value)
-                for parent, row_tokens, row_values in zip(frontier, head.d2t[top.indices].tolist(), top.values.tolist())
-                for token, value in zip(row_tokens, row_values)
-            ]
-            best = sorted(range(len(children)), key=lambda j: (-cands.scores[children[j]], j))[:k]
-            frontier = [children[j] for j in best]
-            frontier_inputs = feature[[j // kk for j in best]]
-        self.cache.truncate(committed)
-        return cands.select(cfg.total_tokens, min_score)
+        (tree,) = propose_together(self.head, self.tree, [self])
+        if isinstance(tree, Exception):
+            raise tree
+        return tree
 
     def close(self) -> None:
         self.closed = True
         self.cache = self.head.new_draft_cache()
         self._pending = []
+
+
+@dataclass
+class _Growth:
+    """One session's tree while `propose_together` grows it: the candidates, the frontier
+    nodes to expand next and their input features, and each expanded node's draft-cache slot
+    (to build ancestor masks)."""
+
+    session: HeadDraftSession
+    cands: CandidateTree
+    committed: int
+    frontier: list[int] = field(default_factory=list)
+    inputs: torch.Tensor | None = None
+    slots: dict[int, int] = field(default_factory=dict)
+
+
+@torch.inference_mode()
+def propose_together(head: DraftHead, cfg: TreeConfig, sessions: Sequence[HeadDraftSession]) -> list[DraftTree | Exception]:
+    """The EAGLE-2 expansion of every session's tree at once: each depth is one head forward
+    over all sessions' frontiers (each with its own cache and mask) and one draft LM head
+    product over all of their rows, so a batch of requests reads the head's weights once per
+    depth instead of once per request. A session's tree is the one it would propose alone: the
+    head's rows do not depend on each other (`DraftHead.step_many`), and each session keeps its
+    own candidates, frontier and pruning. Returns each session's tree, or the exception that
+    session raised (a closed session); a session whose lookup chain is likely enough proposes
+    it without the head."""
+    min_score = _min_score(cfg)
+    out: list[DraftTree | Exception | None] = [None] * len(sessions)
+    growing: list[tuple[int, _Growth]] = []
+    for i, session in enumerate(sessions):
+        if session.closed:
+            out[i] = RuntimeError("session is closed")
+            continue
+        cands, alone = session._chain()
+        if alone:
+            out[i] = cands.select(cfg.total_tokens, min_score)
+        else:
+            growing.append((i, _Growth(session, cands, 0)))
+    if growing:
+        _read_pending(head, [g.session for _, g in growing])
+        grown = [g for _, g in growing]
+        for g in grown:
+            g.committed = g.session.cache.length
+        # Depth 1: children of each root from its last committed pair's output.
+        roots = torch.stack([g.session._root_hidden for g in grown])
+        top = torch.topk(torch.log_softmax(head.logits(roots).float(), -1), min(cfg.top_k, head.d2t.shape[0]), dim=-1)
+        for g, tokens, values in zip(grown, head.d2t[top.indices].tolist(), top.values.tolist()):
+            g.frontier = [g.cands.add(0, t, v) for t, v in zip(tokens, values)]
+            g.inputs = g.session._root_feature.expand(len(g.frontier), -1)
+        for depth in range(2, cfg.depth + 1):
+            active = [g for g in grown if _prune(g, cfg, min_score)]
+            if not active:
+                break
+            _expand(head, cfg, active, depth)
+        for i, g in growing:
+            g.session.cache.truncate(g.committed)
+            out[i] = g.cands.select(cfg.total_tokens, min_score)
+    return out  # type: ignore[return-value]
+
+
+def _min_score(cfg: TreeConfig) -> float:
+    return math.log(cfg.min_prob) if cfg.min_prob > 0 else -math.inf
+
+
+def _read_pending(head: DraftHead, sessions: Sequence[HeadDraftSession]) -> None:
+    """Run the head over each session's pairs not read yet (a round's accepted tokens; the
+    prompt's on the first read), caching their KV, and keep the last pair's outputs as the
+    root's."""
+    work = [(s, pairs) for s in sessions if (pairs := s._pending_pairs()) is not None]
+    if not work:
+        return
+    rows = [pairs[0].shape[0] for _, pairs in work]
+    hidden, feature = head.step_many(
+        *(torch.cat([pairs[k] for _, pairs in work]) for k in range(3)), [None] * len(work), [s.cache for s, _ in work], rows
+    )
+    for (session, _), end in zip(work, itertools.accumulate(rows)):
+        session._root_hidden, session._root_feature = hidden[end - 1], feature[end - 1]
+
+
+def _prune(g: _Growth, cfg: TreeConfig, min_score: float) -> bool:
+    """Drop the frontier nodes that can no longer be selected (below min_prob, or below the
+    best total_tokens - 1 candidates so far, a strong lookup chain's included): none of their
+    children could be, so expanding them would only cost time and the tree is unchanged.
+    Returns whether any node is left to expand."""
+    bar = g.cands.bar(cfg.total_tokens, min_score)
+    live = [j for j, node in enumerate(g.frontier) if g.cands.scores[node] >= bar]
+    if len(live) < len(g.frontier):
+        g.frontier, g.inputs = [g.frontier[j] for j in live], g.inputs[live]
+    return bool(live)
+
+
+def _expand(head: DraftHead, cfg: TreeConfig, growths: Sequence[_Growth], depth: int) -> None:
+    """One depth for every growing tree: one head forward and one draft LM head product over
+    all frontiers, then each tree keeps the top_k best children as its next frontier."""
+    masks, ids, positions = [], [], []
+    for g in growths:
+        base, cands = g.session.cache.length, g.cands
+        for j, node in enumerate(g.frontier):
+            g.slots[node] = base + j
+        mask = torch.zeros(len(g.frontier), base + len(g.frontier), dtype=torch.bool)
+        mask[:, : g.committed] = True
+        for j, node in enumerate(g.frontier):
+            a = node
+            while a != 0:
+                mask[j, g.slots[a]] = True
+                a = cands.parents[a]
+        masks.append(mask.to(g.session.device))
+        ids += [cands.tokens[n] for n in g.frontier]
+        positions += [g.committed + depth - 2] * len(g.frontier)
+    device = growths[0].session.device
+    rows = [len(g.frontier) for g in growths]
+    hidden, feature = head.step_many(
+        torch.cat([g.inputs for g in growths]), torch.tensor(ids, device=device), torch.tensor(positions, device=device),
+        masks, [g.session.cache for g in growths], rows,
+    )
+    logp = torch.log_softmax(head.logits(hidden).float(), -1)
+    top = torch.topk(logp, min(cfg.top_k, logp.shape[-1]), dim=-1)
+    kk = top.indices.shape[-1]
+    tokens, values = head.d2t[top.indices].tolist(), top.values.tolist()
+    at = 0
+    for g, n in zip(growths, rows):
+        cands = g.cands
+        children = [
+            cands.add(parent, token, cands.scores[parent] + value)
+            for parent, row_tokens, row_values in zip(g.frontier, tokens[at : at + n], values[at : at + n])
+            for token, value in zip(row_tokens, row_values)
+        ]
+        best = sorted(range(len(children)), key=lambda j: (-cands.scores[children[j]], j))[: cfg.top_k]
+        g.frontier = [children[j] for j in best]
+        g.inputs = feature[[at + j // kk for j in best]]
+        at += n
 
 
 DEFAULT_HEAD = "smollm2-135m-instruct-fspad"

@@ -216,23 +216,31 @@ class Generation:
             return False
         return self.state.length + self.drafter.budget < self.runner.max_length
 
-    def plan(self, draft: bool, lookup: bool = False) -> DraftTree:
-        """This round's tree: the drafter's proposal when `draft` (begin_round allowed it and
-        the batch's budget chose it); else, with `lookup`, its cheap drafts found without the
-        head (`DraftSession.lookup`); else the root alone."""
+    def plan(self, proposal: DraftTree | Exception | None = None, seconds: float = 0.0, lookup: bool = False) -> DraftTree:
+        """This round's tree: `proposal` when the round drafted (the drafter's answer to this
+        generation's session, or the exception it raised; `seconds`: this generation's share of
+        the proposal's time); else, with `lookup`, its cheap drafts found without the head
+        (`DraftSession.lookup`); else the root alone."""
         self._drafted = False
-        if not draft and not lookup:
+        if proposal is None and not lookup:
             return DraftTree.single(self._root)
-        began = time.perf_counter()
-        try:
-            tree = self._session.propose() if draft else self._session.lookup()
-        except DrafterUnavailable:
+        tree: DraftTree | Exception | None = proposal
+        if proposal is None:
+            began = time.perf_counter()
+            try:
+                tree = self._session.lookup()
+            except (DrafterUnavailable, InvalidTree) as exc:
+                tree = exc
+            seconds = time.perf_counter() - began
+        self.stats.draft_seconds += seconds
+        if isinstance(tree, DrafterUnavailable):
             self._lose_session()
             tree = None
-        except InvalidTree as exc:
-            self._refuse(str(exc))
+        elif isinstance(tree, InvalidTree):
+            self._refuse(str(tree))
             tree = None
-        self.stats.draft_seconds += time.perf_counter() - began
+        elif isinstance(tree, Exception):
+            raise tree
         if tree is None:
             return DraftTree.single(self._root)
         problem = tree_problem(tree, self._root, self.runner.vocab_size, self.drafter.budget)
@@ -240,7 +248,7 @@ class Generation:
             self._refuse(problem)
             return DraftTree.single(self._root)
         self._drafted = True
-        if draft:
+        if proposal is not None:
             self.estimate.proposed(tree)
         return tree
 
@@ -391,15 +399,18 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
         drafting = dict(zip(live, chosen))
     trees: dict[int, DraftTree] = {}
     proposal_seconds = dict.fromkeys(live, 0.0)
+    proposers = [i for i in live if drafting[i]]
+    backlogs = {i: generations[i].draft_backlog for i in proposers}
+    proposals = dict(zip(proposers, _propose([generations[i] for i in proposers])))
     for i in live:
         gen = generations[i]
         try:
-            backlog, drafting_before = gen.draft_backlog, gen.stats.draft_seconds
+            proposal, seconds = proposals.get(i, (None, 0.0))
             # Under a budget, a request left out of drafting still offers its cheap lookup drafts.
-            trees[i] = gen.plan(drafting[i], lookup=budget is not None and may_draft[i])
-            if drafting[i] and gen.drafted and budget is not None:
-                proposal_seconds[i] = gen.stats.draft_seconds - drafting_before
-                budget.record_proposal(backlog, proposal_seconds[i], gen.estimate)
+            trees[i] = gen.plan(proposal, seconds, lookup=budget is not None and may_draft[i] and proposal is None)
+            if proposal is not None and gen.drafted and budget is not None:
+                proposal_seconds[i] = seconds
+                budget.record_proposal(backlogs[i], seconds, gen.estimate)
         except Exception as exc:  # noqa: BLE001
             outcome[i] = exc
     live = [i for i in live if i in trees]
@@ -434,6 +445,25 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
         seconds = time.perf_counter() - round_began - proposing
         budget.record_round(seconds, len(live), sum(sampled[i] for i in live), rows, sampled_rows, proposing, accepted)
     return Round(outcome, draft_rows)  # type: ignore[arg-type]
+
+
+def _propose(generations: Sequence[Generation]) -> list[tuple[DraftTree | Exception, float]]:
+    """The proposals of the generations that draft this round, each with its share of the
+    time: one `Drafter.propose_many` call per drafter (the embedded head grows all their trees
+    together), its time split evenly among its generations."""
+    groups: dict[int, list[int]] = {}
+    for i, gen in enumerate(generations):
+        groups.setdefault(id(gen.drafter), []).append(i)
+    shares: dict[int, tuple[DraftTree | Exception, float]] = {}
+    for members in groups.values():
+        began = time.perf_counter()
+        try:
+            results = generations[members[0]].drafter.propose_many([generations[i]._session for i in members])
+        except Exception as exc:  # noqa: BLE001 - handed to every generation of this call
+            results = [exc] * len(members)
+        share = (time.perf_counter() - began) / len(members)
+        shares.update((i, (result, share)) for i, result in zip(members, results))
+    return [shares[i] for i in range(len(generations))]
 
 
 def _tree_size(gen: Generation) -> int:

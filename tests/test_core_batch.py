@@ -15,7 +15,7 @@ from specdec.batch import Batch
 from specdec.budget import CostModel, LinearFit, SpeculationBudget
 from specdec.config import SamplingParams, StopConfig, TreeConfig
 from specdec.gguf_linear import kernel
-from specdec.generate import Generation
+from specdec.generate import Generation, _propose
 from tests.test_core_sampling import ALPHA, chi2_pvalue, exact_second_token
 from tests.tiny import OracleDrafter, tiny_drafter, tiny_gguf_runner, tiny_runner
 
@@ -131,7 +131,7 @@ def test_dear_rows_shrink_trees_as_the_batch_grows():
             while gen.prefilling:
                 gen.prefill_step()
         live = [g for g in gens if not g.finished and g.begin_round()]
-        cut = budget.trim([g.plan(True) for g in live], [g.estimate for g in live], [False] * len(live), [0.001] * len(live))
+        cut = budget.trim([g.plan(*proposal) for g, proposal in zip(live, _propose(live))], [g.estimate for g in live], [False] * len(live), [0.001] * len(live))
         verified[size] = sum(len(t) - 1 for t in cut) / len(cut)
         for gen in gens:
             gen.close()

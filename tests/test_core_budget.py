@@ -76,3 +76,15 @@ def test_requests_without_a_record_probe_and_a_failed_probe_doubles_the_pause():
     cut = budget.trim([tree(0.01, 0.005)], [fresh], [False], [0.05])
     assert len(cut[0]) == 2  # a probe verifies its most likely node
     assert fresh.pause == 2 * budget.first_pause and not fresh.probing
+
+
+def test_where_no_sure_draft_could_pay_nobody_probes():
+    """Rows that each cost a whole token's share of the round: not even a proposal sure to be
+    accepted pays, so requests without a record do not probe and stale ones do not either;
+    the same requests with cheap rows probe."""
+    dear = CostModel((1, 64), (0.010, 0.640), (0.001, 0.064), (0.001, 0.064))
+    estimates = [DraftEstimate() for _ in range(4)]
+    estimates[0].idle = 1000  # long past its pause
+    assert SpeculationBudget(dear).drafters(estimates, [True] * 4, [6] * 4, [False] * 4, [0] * 4) == [False] * 4
+    assert not any(e.probing for e in estimates)
+    assert SpeculationBudget(LINEAR).drafters([DraftEstimate() for _ in range(4)], [True] * 4, [6] * 4, [False] * 4, [0] * 4) == [True] * 4

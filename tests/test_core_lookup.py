@@ -17,7 +17,7 @@ from specdec.generate import Generation
 from specdec.lookup import FIRST_TOKEN_PROB, MAX_MATCH, NEXT_TOKEN_PROB, NgramIndex, chain_log_probs
 from specdec.tree import CandidateTree, DraftTree, select_nodes
 from tests.test_core_sampling import ALPHA, chi2_pvalue, exact_second_token, sample_first_two
-from specdec.drafter import HeadDraftSession
+from specdec.drafter import HeadDraftSession, _read_pending
 from tests.tiny import tiny_drafter, tiny_head, tiny_runner
 
 
@@ -245,8 +245,7 @@ def test_a_likely_chain_is_proposed_without_the_head_which_catches_up_later():
     for session in (alone, steady):
         session.extend([30, 7, 5], features[-3:])
     assert alone.cache.length < steady.cache.length
-    alone._consume_pending()
-    steady._consume_pending()
+    _read_pending(head, [alone, steady])
     assert alone.cache.length == steady.cache.length
     torch.testing.assert_close(alone._root_hidden, steady._root_hidden, atol=1e-4, rtol=1e-4)
 

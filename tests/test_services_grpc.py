@@ -236,3 +236,32 @@ def test_info_describes_the_head(runner, drafter, remote) -> None:
     assert info.head == "random" and info.head_variant == "fspad" and info.protocol_version == "v1"
     assert (info.tree.top_k, info.tree.depth, info.tree.total_tokens) == (drafter.tree.top_k, drafter.tree.depth, drafter.tree.total_tokens)
     assert info.max_sessions == 1 and pb.DTYPE_BFLOAT16 in info.feature_dtypes
+
+
+def test_a_batched_round_sends_every_propose_before_waiting(runner, drafter) -> None:
+    """`RemoteDrafter.propose_many`: each session gets the tree the embedded drafter proposes
+    for it, all Proposes are in flight before the first answer is read, and a failed session
+    fails alone."""
+    server, _, address = serve(drafter, max_sessions=4)
+    remote_drafter = client(runner, address)
+    try:
+        prompts = [PROMPT, PROMPT[:3], PROMPT + [1, 2, 3]]
+        sessions, embedded = [], []
+        for prompt in prompts:
+            features, _ = runner.prefill(runner.new_state(), prompt)
+            sessions.append(remote_drafter.open(prompt + [4], features))
+            embedded.append(drafter.open(prompt + [4], features).propose())
+        order: list[str] = []
+        for session in sessions:
+            ask, answer = session.ask, session.answer
+            session.ask = lambda ask=ask: (order.append("ask"), ask())[1]
+            session.answer = lambda answer=answer: (order.append("answer"), answer())[1]
+        trees = remote_drafter.propose_many(sessions)
+        assert order == ["ask"] * 3 + ["answer"] * 3
+        assert [(t.tokens, t.parents) for t in trees] == [(t.tokens, t.parents) for t in embedded]
+        sessions[1].close()
+        again = remote_drafter.propose_many(sessions)
+        assert isinstance(again[1], DrafterUnavailable) and len(again[0]) > 1 and len(again[2]) > 1
+    finally:
+        remote_drafter.close()
+        server.stop(None)

@@ -182,6 +182,10 @@ class SlowDrafter(HeadDrafter):
         session.propose = slow_propose
         return session
 
+    def propose_many(self, sessions):
+        time.sleep(self.delay * len(sessions))
+        return super().propose_many(sessions)
+
 
 @st.composite
 def draft_trees(draw, vocab: int, max_nodes: int = 12) -> DraftTree:

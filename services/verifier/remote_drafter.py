@@ -3,8 +3,9 @@
 Every failure (drafter down, stream broken, deadline passed) raises `DrafterUnavailable`, on
 which the decode loop continues with plain decoding and retries later. A malformed tree (parents
 that do not form one) raises `InvalidTree`: that round decodes plainly, the session goes on.
-Open and Extend are sent without waiting; only Propose waits for its tree (one round trip per
-round), for at most `timeout` seconds.
+Open and Extend are sent without waiting; only Propose waits for its tree, for at most `timeout`
+seconds: one round trip per round, the Proposes of a batched round's requests all in flight at
+once (`RemoteDrafter.propose_many`).
 """
 
 from __future__ import annotations
@@ -88,6 +89,28 @@ class RemoteDrafter(Drafter):
         opening = pb.Open(token_ids=list(token_ids), features=tensor_to_proto(features, self.feature_dtype))
         return RemoteSession(self, pb.SessionRequest(open=opening))
 
+    def propose_many(self, sessions: Sequence[DraftSession]) -> list[DraftTree | Exception]:
+        """Every session's Propose is sent before any answer is awaited, so the round trips
+        (and the drafter's work on them, on its own threads) overlap: a round waits about one
+        round trip, not one per request."""
+        asked: list[Exception | None] = []
+        for session in sessions:
+            try:
+                session.ask()  # type: ignore[attr-defined]
+                asked.append(None)
+            except Exception as exc:  # noqa: BLE001 - that session's failure alone
+                asked.append(exc)
+        out: list[DraftTree | Exception] = []
+        for session, failed in zip(sessions, asked):
+            if failed is not None:
+                out.append(failed)
+                continue
+            try:
+                out.append(session.answer())  # type: ignore[attr-defined]
+            except Exception as exc:  # noqa: BLE001
+                out.append(exc)
+        return out
+
     def forget(self) -> None:
         """Drop the cached Info after a failure: the drafter may come back with another head."""
         self._info = None
@@ -133,10 +156,20 @@ class RemoteSession(DraftSession):
         self._requests.put(pb.SessionRequest(extend=pb.Extend(token_ids=list(token_ids), features=features)))
 
     def propose(self) -> DraftTree:
+        self.ask()
+        return self.answer()
+
+    def ask(self) -> None:
+        """Send this round's Propose without waiting (`answer` waits for its tree)."""
         if self._failed:
             raise DrafterUnavailable(self._failed)
         self._round += 1
         self._requests.put(pb.SessionRequest(propose=pb.Propose(round=self._round)))
+
+    def answer(self) -> DraftTree:
+        """The tree for the Propose sent last, within the deadline."""
+        if self._failed:
+            raise DrafterUnavailable(self._failed)
         try:
             answer = self._answers.get(timeout=self.drafter.timeout)
         except queue.Empty:

@@ -1,5 +1,5 @@
 // The draft head's forward (specdec/head.py: FSPAD or plain EAGLE-2) over n new (feature, token)
-// pairs on Q8_0 blocks, in one call from Python.
+// pairs of one or many draft sessions on Q8_0 blocks, in one call from Python.
 //
 // Why: a proposal runs the head once per tree depth on a handful of rows; in Python each run
 // was some forty small tensor ops, about as long as the head's matrix products themselves.
@@ -12,31 +12,47 @@
 
 namespace specdec {
 
-// emb, features: float32 [n, d]. kv: float32 [2, hk, capacity, hd], the head's cache; the new
-// keys and values go to slots start..start+n-1. cos, sin: [n, hd]; mask as in decoder_forward.
+// emb, features: float32 [n, d], the pairs of one or more sequences, each sequence's rows together
+// (a batched proposal: every draft session's frontier at one depth). Sequence s owns rows[s]
+// consecutive rows; kvs[s]: its float32 [2, hk, capacity, hd] head cache, whose slots starts[s]..
+// receive those rows' keys and values; masks[s] as in decoder_forward (none: causal). Every
+// product runs over all n rows at once (the weights are read once for the batch), attention over
+// each sequence's own cache, so a row gets the same result alone or batched. cos, sin: [n, hd].
 // norms: [feature-sampling norm,] input norm, post-attention norm. blocks: (qs, d, m) of fc,
 // [feature sampling's gate, up, down,] the fused q/k/v, output, fused gate/up and down, all Q8_0.
 // int8_activations: every product quantizes its input to int8 blocks (gguf_blocks.h; lossy, as a
 // proposal may be). Returns (logit hidden [n, d], predicted feature [n, d]).
-std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::Tensor features, torch::Tensor kv, int64_t start,
-                                                     torch::Tensor cos, torch::Tensor sin, std::optional<torch::Tensor> mask,
-                                                     std::vector<torch::Tensor> norms, std::vector<torch::Tensor> blocks,
-                                                     bool feature_sampling, bool partial_alignment, int64_t heads,
-                                                     int64_t kv_heads, double scale, double eps,
-                                                     bool int8_activations) {
+std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::Tensor features, std::vector<torch::Tensor> kvs,
+                                                     std::vector<int64_t> starts, std::vector<int64_t> rows,
+                                                     std::vector<std::optional<torch::Tensor>> masks, torch::Tensor cos,
+                                                     torch::Tensor sin, std::vector<torch::Tensor> norms,
+                                                     std::vector<torch::Tensor> blocks, bool feature_sampling,
+                                                     bool partial_alignment, int64_t heads, int64_t kv_heads, double scale,
+                                                     double eps, bool int8_activations) {
   TORCH_CHECK(emb.scalar_type() == torch::kFloat32 && emb.dim() == 2 && emb.is_contiguous() && features.sizes() == emb.sizes() &&
                   features.scalar_type() == torch::kFloat32 && features.is_contiguous(),
               "emb and features must be contiguous float32 [n, d]");
-  TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 4 && kv.is_contiguous() && kv.size(0) == 2,
-              "kv must be contiguous float32 [2, hk, cap, hd]");
-  const int64_t n = emb.size(0), d = emb.size(1), hk = kv.size(1), capacity = kv.size(2), hd = kv.size(3);
-  const int64_t end = start + n;
-  check_attention_args(heads, kv_heads, hk, hd, d, end, capacity, cos, sin, n);
+  const size_t count = kvs.size();
+  TORCH_CHECK(count > 0 && starts.size() == count && rows.size() == count && masks.size() == count,
+              "one cache, start, row count and mask per sequence");
+  const int64_t n = emb.size(0), d = emb.size(1);
+  std::vector<int64_t> offsets(count + 1, 0);
+  std::vector<const bool*> mask_ptrs(count);
+  for (size_t s = 0; s < count; ++s) {
+    const torch::Tensor& kv = kvs[s];
+    TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 4 && kv.is_contiguous() && kv.size(0) == 2,
+                "kv must be contiguous float32 [2, hk, cap, hd]");
+    TORCH_CHECK(rows[s] > 0 && starts[s] >= 0, "every sequence needs at least one row and a start >= 0");
+    offsets[s + 1] = offsets[s] + rows[s];
+    check_attention_args(heads, kv_heads, kv.size(1), kv.size(3), d, starts[s] + rows[s], kv.size(2), cos, sin, n);
+    mask_ptrs[s] = mask_pointer(masks[s], rows[s], starts[s] + rows[s]);
+  }
+  TORCH_CHECK(offsets[count] == n, "the row counts must add up to the pairs' rows");
+  const int64_t hk = kvs[0].size(1), hd = kvs[0].size(3);
   const size_t projections = feature_sampling ? 8 : 5;
   TORCH_CHECK(norms.size() == (feature_sampling ? 3u : 2u) && blocks.size() == 3 * projections,
               "expected the norms and projections of this head variant");
   for (const auto& w : norms) TORCH_CHECK(w.scalar_type() == torch::kFloat32 && w.numel() == d, "norm weights must be float32 [d]");
-  const bool* mask_ptr = mask_pointer(mask, n, end);
   size_t next = 0;
   const auto weight = [&](int64_t in, int64_t out) {
     const BlockWeight w = block_weight(blocks[next], blocks[next + 1], blocks[next + 2], false, in);
@@ -78,10 +94,16 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
   float *qp = qkv.data_ptr<float>(), *ap = att.data_ptr<float>(), *gp = gate_up.data_ptr<float>(), *mp = mlp.data_ptr<float>();
   rms_norm(hp, norms[norm++].data_ptr<float>(), n, d, feps, np);
   mm(np, n, wqkv, qp);
-  float* keys = kv.data_ptr<float>();
-  float* values = keys + hk * capacity * hd;
-  rotate_and_store(qp, n, heads, hk, hd, cos.data_ptr<float>(), sin.data_ptr<float>(), keys, values, capacity, start);
-  Attention{qp, keys, values, mask_ptr, n, start, end, heads, hk, hd, capacity, static_cast<float>(scale), ap}.run();
+  for (size_t s = 0; s < count; ++s) {
+    const int64_t o = offsets[s], m = rows[s], capacity = kvs[s].size(2);
+    float* keys = kvs[s].data_ptr<float>();
+    float* values = keys + hk * capacity * hd;
+    rotate_and_store(qp + o * qkv_width, m, heads, hk, hd, cos.data_ptr<float>() + o * hd, sin.data_ptr<float>() + o * hd, keys,
+                     values, capacity, starts[s]);
+    Attention{qp + o * qkv_width, keys, values, mask_ptrs[s], m, starts[s], starts[s] + m, heads, hk, hd, capacity,
+              static_cast<float>(scale), ap + o * heads * hd}
+        .run();
+  }
   mm(ap, n, wo, pp);
   for (int64_t j = 0; j < n * d; ++j) hp[j] += pp[j];  // h is now the attention block's output a
   rms_norm(hp, norms[norm++].data_ptr<float>(), n, d, feps, np);
