@@ -149,7 +149,8 @@ def kernel():
 @lru_cache(maxsize=2)
 def build_kernel(vnni: bool):
     """The extension built for AVX2, or with `vnni` also for AVX-512 VNNI (int8 products in one
-    instruction per block, the same results: `kernels/gguf_blocks.h`); None if it cannot build."""
+    instruction per block pair, float products on two weight rows per register: the same
+    results, `kernels/gguf_blocks.h`); None if it cannot build."""
     from torch.utils.cpp_extension import load
 
     # torch runs `ninja` from PATH; the one this project depends on sits beside the interpreter.

@@ -94,17 +94,19 @@ def test_int8_products_are_exact_on_the_rounded_input_and_independent_of_other_r
 
 
 @pytest.mark.skipif(not has_vnni(), reason="no AVX-512 VNNI here: only the AVX2 build exists")
-def test_the_avx2_build_gives_the_vnni_builds_int8_products_bit_for_bit():
+@pytest.mark.parametrize("int8", [True, False])
+def test_the_avx2_build_gives_the_avx512_builds_products_bit_for_bit(int8):
     """Served models must decode the same on every CPU: the AVX2 build makes the same integer
-    sums and the same float operations as the VNNI one (gguf_blocks.h)."""
+    sums and the same float operations as the AVX-512 one, whose float products put two rows of
+    W in one register (gguf_blocks.h), for any number of rows of x and of W (odd ones too)."""
     avx2, vnni = build_kernel(False), build_kernel(True)
     assert avx2 is not None and vnni is not None and avx2 is not vnni
     for q4 in (True, False):
         for k in (96, 576):
-            quant = random_quant(130, k, q4, seed=k)
-            x = torch.randn(11, k)
-            for rows in (1, 3, 8, 11):
-                args = (x[:rows].contiguous(), quant.qs, quant.d, quant.m, q4, True)
+            quant = random_quant(131, k, q4, seed=k)
+            x = torch.randn(19, k)
+            for rows in (1, 2, 3, 8, 11, 19):
+                args = (x[:rows].contiguous(), quant.qs, quant.d, quant.m, q4, int8)
                 assert torch.equal(avx2.gguf_matmul(*args), vnni.gguf_matmul(*args))
 
 

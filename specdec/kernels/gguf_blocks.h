@@ -18,6 +18,13 @@ namespace specdec {
 
 constexpr int64_t kBlock = 32;  // elements per GGUF block (Q4_1 and Q8_0)
 
+// The AVX-512 build (VNNI, BW and VL; `specdec.gguf_linear.build_kernel`): int8 products in one
+// instruction per block pair, and float products on two rows of W per 16-lane register. Every
+// result is the AVX2 build's, bit for bit.
+#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
+#define SPECDEC_VNNI 1
+#endif
+
 // How far ahead of its reads a product asks for weight bytes (rows of W are contiguous, so
 // this runs into the next rows). Why: the hardware prefetcher alone left a one-token step of
 // the default target stalled on memory for about a third of its time (decoder stack plus LM
@@ -98,11 +105,80 @@ void tile(const float* x, int64_t K, const uint8_t* qs, int64_t row_bytes, const
     for (int r = 0; r < MR; ++r) y[r * N + j] = hsum(acc[j][r]);
 }
 
-// Rows n0..n1 of W against MR rows of x, NR rows of W at a time (the rest one by one).
+#ifdef SPECDEC_VNNI
+// Two 8-lane vectors as one 16-lane register: a in lanes 0-7, b in lanes 8-15.
+inline __m512 pair_ps(__m256 a, __m256 b) {
+  return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(a)), _mm256_castps_pd(b), 1));
+}
+
+// Eight floats at p in both halves of a register: a load that broadcasts, no shuffle.
+inline __m512 broadcast8(const float* p) { return _mm512_castpd_ps(_mm512_broadcast_f64x4(_mm256_loadu_pd(reinterpret_cast<const double*>(p)))); }
+
+inline __m256 upper_ps(__m512 v) { return _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v), 1)); }
+
+// Block g of two rows of W (a, b: their bytes; da/db, ma/mb: their scales) as four 16-lane
+// vectors: lanes 0-7 hold what decode_q4_1 / decode_q8_0 give for row a, lanes 8-15 for row b,
+// by the same operations lane for lane.
+template <bool Q4>
+inline void decode_pair(const uint8_t* a, const uint8_t* b, float da, float db, float ma, float mb, __m512 w[4]) {
+  const __m512 vd = pair_ps(_mm256_set1_ps(da), _mm256_set1_ps(db));
+  if constexpr (Q4) {
+    const __m128i mask = _mm_set1_epi8(0x0F);
+    const __m128i ba = _mm_loadu_si128(reinterpret_cast<const __m128i*>(a)), bb = _mm_loadu_si128(reinterpret_cast<const __m128i*>(b));
+    const __m128i lo_a = _mm_and_si128(ba, mask), hi_a = _mm_and_si128(_mm_srli_epi16(ba, 4), mask);
+    const __m128i lo_b = _mm_and_si128(bb, mask), hi_b = _mm_and_si128(_mm_srli_epi16(bb, 4), mask);
+    // Element groups 0-7, 8-15 (low nibbles) and 16-23, 24-31 (high nibbles) of each row.
+    const __m128i parts[4] = {_mm_unpacklo_epi64(lo_a, lo_b), _mm_unpackhi_epi64(lo_a, lo_b), _mm_unpacklo_epi64(hi_a, hi_b),
+                              _mm_unpackhi_epi64(hi_a, hi_b)};
+    const __m512 vm = pair_ps(_mm256_set1_ps(ma), _mm256_set1_ps(mb));
+    for (int i = 0; i < 4; ++i) w[i] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(parts[i])), vd, vm);
+  } else {
+    for (int i = 0; i < 4; ++i) {
+      const __m128i bytes = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(a + 8 * i)),
+                                               _mm_loadl_epi64(reinterpret_cast<const __m128i*>(b + 8 * i)));
+      w[i] = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(bytes)), vd);
+    }
+  }
+}
+
+// `tile` for two rows of W (n, n + 1) side by side in 16 lanes against MR rows of x, each
+// 8-float piece of x broadcast to both halves: every lane runs the FMA chain it runs in the
+// 8-lane tile, so the results are the same, from half as many FMA instructions (a batch of rows
+// is bound by them on this kind of CPU).
+template <bool Q4, int MR>
+void tile_pair(const float* x, int64_t K, const uint8_t* qs, int64_t row_bytes, const float* d, const float* m, float* y, int64_t N) {
+  const int64_t blocks = K / kBlock;
+  __m512 acc[MR];
+  for (int r = 0; r < MR; ++r) acc[r] = _mm512_setzero_ps();
+  for (int64_t g = 0; g < blocks; ++g) {
+    if (g % kLineBlocks<Q4> == 0) {
+      prefetch_ahead(qs + g * kBlockBytes<Q4>);
+      prefetch_ahead(qs + row_bytes + g * kBlockBytes<Q4>);
+    }
+    __m512 w[4];
+    const uint8_t* a = qs + g * kBlockBytes<Q4>;
+    decode_pair<Q4>(a, a + row_bytes, d[g], d[blocks + g], Q4 ? m[g] : 0.0f, Q4 ? m[blocks + g] : 0.0f, w);
+    for (int i = 0; i < 4; ++i)
+      for (int r = 0; r < MR; ++r) acc[r] = _mm512_fmadd_ps(w[i], broadcast8(x + r * K + g * kBlock + 8 * i), acc[r]);
+  }
+  for (int r = 0; r < MR; ++r) {
+    y[r * N] = hsum(_mm512_castps512_ps256(acc[r]));
+    y[r * N + 1] = hsum(upper_ps(acc[r]));
+  }
+}
+#endif
+
+// Rows n0..n1 of W against MR rows of x, NR rows of W at a time (the rest one by one); in the
+// AVX-512 build, with two or more rows of x, two rows of W per register instead.
 template <bool Q4, int MR, int NR>
 void tile_rows(const float* x, int64_t K, const uint8_t* qs, const float* d, const float* m, float* y, int64_t N, int64_t n0, int64_t n1) {
   const int64_t blocks = K / kBlock, row_bytes = Q4 ? K / 2 : K;
   int64_t n = n0;
+#ifdef SPECDEC_VNNI
+  if constexpr (MR > 1) {
+    for (; n + 2 <= n1; n += 2) tile_pair<Q4, MR>(x, K, qs + n * row_bytes, row_bytes, d + n * blocks, Q4 ? m + n * blocks : nullptr, y + n, N);
+  }
+#endif
   for (; n + NR <= n1; n += NR) tile<Q4, MR, NR>(x, K, qs + n * row_bytes, row_bytes, d + n * blocks, Q4 ? m + n * blocks : nullptr, y + n, N);
   for (; n < n1; ++n) tile<Q4, MR, 1>(x, K, qs + n * row_bytes, row_bytes, d + n * blocks, Q4 ? m + n * blocks : nullptr, y + n, N);
 }
@@ -172,9 +248,6 @@ inline void block_matmul(const float* x, int64_t M, const BlockWeight& w, float*
 // 16 lanes; without it AVX2 makes the same exact integers, block by block, into two 8-lane
 // accumulators (even and odd blocks) that hold what the two halves of the 16 lanes hold, so
 // both builds give the same floats. A row's result does not depend on the other rows.
-#if defined(__AVX512VNNI__) && defined(__AVX512VL__) && defined(__AVX512BW__)
-#define SPECDEC_VNNI 1
-#endif
 
 // x quantized, in groups of up to 8 rows (what one tile multiplies with a weight row), each
 // group laid out block pair by block pair: for pair p and row r the 64 bytes of blocks 2p and
