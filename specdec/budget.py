@@ -148,6 +148,9 @@ class SpeculationBudget:
     trust: float = 1.0
     recent: deque[list[float]] = field(default_factory=lambda: deque(maxlen=_HISTORY * 4))  # proposals of any request, calibrated
     _base: tuple[int, int] = (0, 0)  # the round being planned: its requests, and the sampled ones
+    # Per request of the round `drafters` planned: whether its cheap lookup drafts could pay
+    # (rows that cost nothing to propose); where not, they are not even looked up.
+    lookups: list[bool] = field(default_factory=list)
     _costs: dict = field(default_factory=dict)
     # A proposal's time against the pairs of features its session has not read yet: a request
     # that has not drafted for a while first feeds its head everything since.
@@ -168,6 +171,7 @@ class SpeculationBudget:
         repeat begins). A new request is judged by the batch's recent proposals and starts with
         the batch's typical pause; in a batch without any record yet, it probes at once."""
         choose = [False] * len(estimates)
+        self.lookups = [False] * len(estimates)
         rows, sampled_rows = len(estimates), sum(sampled)
         self._plan(rows, sampled_rows)
         tokens, proposals = float(len(estimates)), 0.0
@@ -176,7 +180,8 @@ class SpeculationBudget:
         for i, (estimate, allowed) in enumerate(zip(estimates, may_draft)):
             if not allowed:
                 continue
-            if not self._could_pay(rows, sampled_rows, sizes[i], sampled[i], self.proposals.predict(backlogs[i])):
+            self.lookups[i] = self._could_pay(rows, sampled_rows, sizes[i], sampled[i], 0.0)
+            if not self.lookups[i] or not self._could_pay(rows, sampled_rows, sizes[i], sampled[i], self.proposals.predict(backlogs[i])):
                 estimate.idle += 1
                 continue
             if not estimate.history and not estimate.idle and pauses:

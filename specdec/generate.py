@@ -401,13 +401,14 @@ def decode_round(runner: TargetRunner, generations: Sequence[Generation], budget
     proposal_seconds = dict.fromkeys(live, 0.0)
     proposers = [i for i in live if drafting[i]]
     backlogs = {i: generations[i].draft_backlog for i in proposers}
-    proposals = dict(zip(proposers, _propose([generations[i] for i in proposers])))
+    proposals = dict(zip(proposers, _propose([generations[i] for i in proposers]))) if proposers else {}
+    # Under a budget, a request left out of drafting still offers its cheap lookup drafts where they could pay.
+    lookups = dict(zip(live, budget.lookups)) if budget is not None else {}
     for i in live:
         gen = generations[i]
         try:
             proposal, seconds = proposals.get(i, (None, 0.0))
-            # Under a budget, a request left out of drafting still offers its cheap lookup drafts.
-            trees[i] = gen.plan(proposal, seconds, lookup=budget is not None and may_draft[i] and proposal is None)
+            trees[i] = gen.plan(proposal, seconds, lookup=lookups.get(i, False) and may_draft[i] and proposal is None)
             if proposal is not None and gen.drafted and budget is not None:
                 proposal_seconds[i] = seconds
                 budget.record_proposal(backlogs[i], seconds, gen.estimate)

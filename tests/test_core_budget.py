@@ -85,6 +85,9 @@ def test_where_no_sure_draft_could_pay_nobody_probes():
     dear = CostModel((1, 64), (0.010, 0.640), (0.001, 0.064), (0.001, 0.064))
     estimates = [DraftEstimate() for _ in range(4)]
     estimates[0].idle = 1000  # long past its pause
-    assert SpeculationBudget(dear).drafters(estimates, [True] * 4, [6] * 4, [False] * 4, [0] * 4) == [False] * 4
-    assert not any(e.probing for e in estimates)
-    assert SpeculationBudget(LINEAR).drafters([DraftEstimate() for _ in range(4)], [True] * 4, [6] * 4, [False] * 4, [0] * 4) == [True] * 4
+    budget = SpeculationBudget(dear)
+    assert budget.drafters(estimates, [True] * 4, [6] * 4, [False] * 4, [0] * 4) == [False] * 4
+    assert not any(e.probing for e in estimates) and budget.lookups == [False] * 4  # not even free drafts pay
+    budget = SpeculationBudget(LINEAR)
+    assert budget.drafters([DraftEstimate() for _ in range(4)], [True] * 4, [6] * 4, [False] * 4, [0] * 4) == [True] * 4
+    assert budget.lookups == [True] * 4

@@ -45,3 +45,14 @@ def test_wait_ready_returns_on_200_and_times_out_otherwise(status: int) -> None:
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_summary_adds_up_the_requests_and_their_latencies() -> None:
+    def body(tokens: int, forwards: int, seconds: float) -> dict:
+        return {"usage": {"completion_tokens": tokens}, "speculation": {"target_forwards": forwards, "seconds": seconds}}
+
+    results = [(1.0, body(10, 5, 0.5)), (3.0, body(30, 10, 1.5)), (2.0, body(20, 20, 1.0))]
+    summary = _bench_api().summarize(results, wall=4.0, concurrency=3)
+    assert summary["tokens"] == 60 and summary["wall_tokens_per_s"] == 15.0 and summary["server_tokens_per_s"] == 20.0
+    assert summary["latency_p50_s"] == 2.0 and summary["latency_p95_s"] == 3.0 and summary["tau"] == 60 / 35
+    assert summary["requests"] == 3 and summary["concurrency"] == 3
