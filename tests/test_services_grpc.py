@@ -125,11 +125,12 @@ def test_session_cap_is_resource_exhausted_and_falls_back(runner, remote) -> Non
 
 
 class MalformedFirstTree(HeadDrafter):
-    """A head drafter whose sessions answer the first Propose with parents that form no tree
-    (node 1's parent comes after it), then propose as usual."""
+    """A head drafter whose sessions answer the first Propose with `first` (by default parents
+    that form no tree: node 1's parent comes after it), then propose as usual."""
 
-    def __init__(self, inner: HeadDrafter):
+    def __init__(self, inner: HeadDrafter, parents=(-1, 2, 0), scores=None):
         super().__init__(inner.head, inner.tree)
+        self.parents, self.scores = list(parents), scores
 
     def open(self, token_ids, features):
         session = super().open(token_ids, features)
@@ -138,24 +139,26 @@ class MalformedFirstTree(HeadDrafter):
         def malformed_first():
             rounds.append(1)
             if len(rounds) == 1:
-                return SimpleNamespace(tokens=[token_ids[-1], 1, 2], parents=[-1, 2, 0])
+                return SimpleNamespace(tokens=[token_ids[-1], 1, 2], parents=self.parents, scores=self.scores)
             return propose()
 
         session.propose = malformed_first
         return session
 
 
-def test_a_malformed_tree_is_invalid_and_the_session_goes_on(runner, drafter) -> None:
-    """The client turns parents from the wire that form no tree into InvalidTree, which the
-    decode loop rejects for that round; the stream stays open and the next round drafts."""
-    server, servicer, address = serve(MalformedFirstTree(drafter))
+@pytest.mark.parametrize("parents, scores", [((-1, 2, 0), None), ((-1, 0, 1), [0.0, -0.5])])
+def test_a_malformed_tree_is_invalid_and_the_session_goes_on(runner, drafter, parents, scores) -> None:
+    """The client turns parents from the wire that form no tree, or scores that are not one
+    per node, into InvalidTree, which the decode loop rejects for that round; the stream stays
+    open and the next round drafts (with each node's score)."""
+    server, servicer, address = serve(MalformedFirstTree(drafter, parents, scores))
     remote_drafter = client(runner, address)
     try:
         session = remote_drafter.open(PROMPT + [1], torch.zeros(len(PROMPT), runner.hidden_size))
         with pytest.raises(InvalidTree, match="malformed tree"):
             session.propose()
         tree = session.propose()
-        assert tree.tokens[0] == 1 and len(tree) > 1
+        assert tree.tokens[0] == 1 and len(tree) > 1 and len(tree.scores) == len(tree) and tree.scores[0] == 0.0
         assert servicer.active_sessions == 1
         session.close()
     finally:
@@ -259,6 +262,7 @@ def test_a_batched_round_sends_every_propose_before_waiting(runner, drafter) -> 
         trees = remote_drafter.propose_many(sessions)
         assert order == ["ask"] * 3 + ["answer"] * 3
         assert [(t.tokens, t.parents) for t in trees] == [(t.tokens, t.parents) for t in embedded]
+        assert all(t.scores == pytest.approx(e.scores, abs=1e-5) for t, e in zip(trees, embedded))  # the budget reads them
         sessions[1].close()
         again = remote_drafter.propose_many(sessions)
         assert isinstance(again[1], DrafterUnavailable) and len(again[0]) > 1 and len(again[2]) > 1

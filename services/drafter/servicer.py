@@ -83,6 +83,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                             tokens=tree.tokens,
                             parents=tree.parents,
                             draft_seconds=time.perf_counter() - t0,
+                            scores=tree.scores or [],
                         )
                     )
                 else:

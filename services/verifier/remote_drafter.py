@@ -183,7 +183,8 @@ class RemoteSession(DraftSession):
             raise self._fail(f"tree for round {tree.round} while waiting for round {self._round}")
         budget = self.drafter.budget
         try:
-            return DraftTree(tokens=list(tree.tokens)[:budget], parents=list(tree.parents)[:budget])
+            scores = list(tree.scores)[:budget] or None
+            return DraftTree(tokens=list(tree.tokens)[:budget], parents=list(tree.parents)[:budget], scores=scores)
         except ValueError as exc:
             log.warning("drafter %s: malformed tree for round %d: %s", self.drafter.address, self._round, exc)
             raise InvalidTree(f"malformed tree: {exc}") from exc
