@@ -18,6 +18,7 @@ from typing import AsyncIterator, Sequence
 from services.verifier.metrics import Metrics
 from specdec.batch import Batch
 from specdec.generate import Chunk, Generation
+from specdec.openmp import release_pool
 
 log = logging.getLogger("specdec.verifier")
 
@@ -69,6 +70,9 @@ class Scheduler:
         self._owner: dict[int, _Request] = {}
         self._wake = threading.Condition()
         self._stopping = False
+        # The thread that loaded the model hands its OpenMP workers over to the engine thread:
+        # with both pools alive, every parallel region of a forward waits for a sleeping worker.
+        release_pool()
         self._thread = threading.Thread(target=self._engine, name="batch-engine", daemon=True)
         self._thread.start()
 
