@@ -125,25 +125,22 @@ def test_session_cap_is_resource_exhausted_and_falls_back(runner, remote) -> Non
 
 
 class MalformedFirstTree(HeadDrafter):
-    """A head drafter whose sessions answer the first Propose with `first` (by default parents
-    that form no tree: node 1's parent comes after it), then propose as usual."""
+    """A head drafter whose sessions answer the first Propose with a tree of `parents` and
+    `scores` (by default parents that form no tree: node 1's parent comes after it), then
+    propose as usual."""
 
     def __init__(self, inner: HeadDrafter, parents=(-1, 2, 0), scores=None):
         super().__init__(inner.head, inner.tree)
         self.parents, self.scores = list(parents), scores
+        self.rounds: dict[int, int] = {}
 
-    def open(self, token_ids, features):
-        session = super().open(token_ids, features)
-        propose, rounds = session.propose, []
-
-        def malformed_first():
-            rounds.append(1)
-            if len(rounds) == 1:
-                return SimpleNamespace(tokens=[token_ids[-1], 1, 2], parents=self.parents, scores=self.scores)
-            return propose()
-
-        session.propose = malformed_first
-        return session
+    def propose_many(self, sessions):
+        out = super().propose_many(sessions)
+        for i, session in enumerate(sessions):
+            self.rounds[id(session)] = self.rounds.get(id(session), 0) + 1
+            if self.rounds[id(session)] == 1:
+                out[i] = SimpleNamespace(tokens=[session.tokens[-1], 1, 2], parents=self.parents, scores=self.scores)
+        return out
 
 
 @pytest.mark.parametrize("parents, scores", [((-1, 2, 0), None), ((-1, 0, 1), [0.0, -0.5])])

@@ -65,6 +65,7 @@ def serve(settings: DrafterSettings, drafter: HeadDrafter) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     server.wait_for_termination()
+    servicer.close()
     log.info("drafter stopped")
     return 0
 

@@ -1,5 +1,6 @@
 """The gRPC servicer: one library `DraftSession` per Session stream, freed when the stream ends
-or is cancelled; a cap on live sessions; Info describes the head."""
+or is cancelled; a cap on live sessions; Info describes the head. Proposals run on one thread,
+those of concurrent streams batched (`services.drafter.proposals`)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from typing import Iterator
 import grpc
 
 import specdec
+from services.drafter.proposals import ProposalQueue
 from services.rpc import DTYPES, PROTOCOL_VERSION, tensor_from_proto
 from services.rpc import drafter_pb2 as pb
 from services.rpc import drafter_pb2_grpc as pb_grpc
@@ -26,6 +28,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
 
     def __init__(self, drafter: HeadDrafter, head_name: str, max_sessions: int):
         self.drafter, self.head_name, self.max_sessions = drafter, head_name, max_sessions
+        self.proposals = ProposalQueue(drafter)
         self._lock = threading.Lock()
         self._active = 0
         self._ids = count(1)
@@ -33,6 +36,10 @@ class DrafterServicer(pb_grpc.DrafterServicer):
     @property
     def active_sessions(self) -> int:
         return self._active
+
+    def close(self) -> None:
+        """Stop the proposal thread (after the server has stopped)."""
+        self.proposals.close()
 
     def Info(self, request: pb.InfoRequest, context: grpc.ServicerContext) -> pb.InfoResponse:
         cfg, tree = self.drafter.head.cfg, self.drafter.tree
@@ -75,7 +82,7 @@ class DrafterServicer(pb_grpc.DrafterServicer):
                     session.extend(ids, features)
                 elif kind == "propose":
                     t0 = time.perf_counter()
-                    tree = session.propose()
+                    tree = self.proposals.propose(session)
                     rounds += 1
                     yield pb.SessionResponse(
                         tree=pb.Tree(
