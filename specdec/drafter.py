@@ -134,6 +134,7 @@ class HeadDraftSession(DraftSession):
         self.cache = head.new_draft_cache()
         self.index = NgramIndex()
         self._pending: list[torch.Tensor] = []
+        self._backlog = 0  # rows in _pending
         # Leading tokens whose (feature, next token) pairs the head never read (not sent, or
         # beyond head_context): the head's cache slot i holds the pair of token i + skipped.
         self._skipped = skipped
@@ -143,7 +144,7 @@ class HeadDraftSession(DraftSession):
 
     @property
     def backlog(self) -> int:
-        return sum(f.shape[0] for f in self._pending)
+        return self._backlog
 
     @property
     def tokens(self) -> list[int]:
@@ -158,6 +159,7 @@ class HeadDraftSession(DraftSession):
         self.index.extend(token_ids)
         if len(token_ids):
             self._pending.append(features.to(self.device, self.dtype))
+            self._backlog += features.shape[0]
 
     def _pending_pairs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
         """The (feature, next token, position) rows the head has not read yet, and forget them
@@ -174,7 +176,7 @@ class HeadDraftSession(DraftSession):
         count = feats.shape[0]
         first = self._skipped + start
         nxt = torch.tensor(self.tokens[first + 1 : first + 1 + count], device=self.device)
-        self._pending = []
+        self._pending, self._backlog = [], 0
         return feats, nxt, torch.arange(start, start + count, device=self.device)
 
     def lookup(self) -> DraftTree | None:
@@ -206,7 +208,7 @@ class HeadDraftSession(DraftSession):
     def close(self) -> None:
         self.closed = True
         self.cache = self.head.new_draft_cache()
-        self._pending = []
+        self._pending, self._backlog = [], 0
 
 
 @dataclass
