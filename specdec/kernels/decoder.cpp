@@ -36,21 +36,15 @@ torch::Tensor decoder_forward(torch::Tensor x, std::vector<torch::Tensor> kvs, s
                               bool int8_activations) {
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x must be contiguous float32 [n, d]");
   const size_t count = kvs.size();
-  TORCH_CHECK(count > 0 && starts.size() == count && rows.size() == count && masks.size() == count,
-              "one cache, start, row count and mask per sequence");
   const int64_t n = x.size(0), d = x.size(1);
-  std::vector<int64_t> offsets(count + 1, 0);
-  std::vector<const bool*> mask_ptrs(count);
+  const Sequences seqs = sequences_of(count, starts, rows, masks, n);
+  const std::vector<int64_t>& offsets = seqs.offsets;
   for (size_t s = 0; s < count; ++s) {
     const torch::Tensor& kv = kvs[s];
     TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 5 && kv.is_contiguous(), "kv must be contiguous float32 [L, 2, hk, cap, hd]");
     TORCH_CHECK(kv.size(0) == kvs[0].size(0) && kv.size(2) == kvs[0].size(2) && kv.size(4) == kvs[0].size(4), "every cache must have the model's shape");
-    TORCH_CHECK(rows[s] > 0 && starts[s] >= 0, "every sequence needs at least one row and a start >= 0");
-    offsets[s + 1] = offsets[s] + rows[s];
     check_attention_args(heads, kv_heads, kv.size(2), kv.size(4), d, starts[s] + rows[s], kv.size(3), cos, sin, n);
-    mask_ptrs[s] = mask_pointer(masks[s], rows[s], starts[s] + rows[s]);
   }
-  TORCH_CHECK(offsets[count] == n, "the row counts must add up to x's rows");
   const int64_t layers = kvs[0].size(0), hk = kvs[0].size(2), hd = kvs[0].size(4);
   TORCH_CHECK(norms.size() == static_cast<size_t>(2 * layers) && blocks.size() == static_cast<size_t>(12 * layers) &&
                   q4.size() == static_cast<size_t>(4 * layers),
@@ -82,7 +76,7 @@ torch::Tensor decoder_forward(torch::Tensor x, std::vector<torch::Tensor> kvs, s
       float* keys = kvp + (l * 2 + 0) * hk * capacity * hd;
       float* values = kvp + (l * 2 + 1) * hk * capacity * hd;
       rotate_and_store(qp + o * qkv_width, m, heads, hk, hd, cp + o * hd, sp + o * hd, keys, values, capacity, starts[s]);
-      Attention{qp + o * qkv_width, keys, values, mask_ptrs[s], m, starts[s], starts[s] + m, heads, hk, hd, capacity,
+      Attention{qp + o * qkv_width, keys, values, seqs.masks[s], m, starts[s], starts[s] + m, heads, hk, hd, capacity,
                 static_cast<float>(scale), ap + o * heads * hd}
           .run();
     }

@@ -33,21 +33,15 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
                   features.scalar_type() == torch::kFloat32 && features.is_contiguous(),
               "emb and features must be contiguous float32 [n, d]");
   const size_t count = kvs.size();
-  TORCH_CHECK(count > 0 && starts.size() == count && rows.size() == count && masks.size() == count,
-              "one cache, start, row count and mask per sequence");
   const int64_t n = emb.size(0), d = emb.size(1);
-  std::vector<int64_t> offsets(count + 1, 0);
-  std::vector<const bool*> mask_ptrs(count);
+  const Sequences seqs = sequences_of(count, starts, rows, masks, n);
+  const std::vector<int64_t>& offsets = seqs.offsets;
   for (size_t s = 0; s < count; ++s) {
     const torch::Tensor& kv = kvs[s];
     TORCH_CHECK(kv.scalar_type() == torch::kFloat32 && kv.dim() == 4 && kv.is_contiguous() && kv.size(0) == 2,
                 "kv must be contiguous float32 [2, hk, cap, hd]");
-    TORCH_CHECK(rows[s] > 0 && starts[s] >= 0, "every sequence needs at least one row and a start >= 0");
-    offsets[s + 1] = offsets[s] + rows[s];
     check_attention_args(heads, kv_heads, kv.size(1), kv.size(3), d, starts[s] + rows[s], kv.size(2), cos, sin, n);
-    mask_ptrs[s] = mask_pointer(masks[s], rows[s], starts[s] + rows[s]);
   }
-  TORCH_CHECK(offsets[count] == n, "the row counts must add up to the pairs' rows");
   const int64_t hk = kvs[0].size(1), hd = kvs[0].size(3);
   const size_t projections = feature_sampling ? 8 : 5;
   TORCH_CHECK(norms.size() == (feature_sampling ? 3u : 2u) && blocks.size() == 3 * projections,
@@ -100,7 +94,7 @@ std::tuple<torch::Tensor, torch::Tensor> head_forward(torch::Tensor emb, torch::
     float* values = keys + hk * capacity * hd;
     rotate_and_store(qp + o * qkv_width, m, heads, hk, hd, cos.data_ptr<float>() + o * hd, sin.data_ptr<float>() + o * hd, keys,
                      values, capacity, starts[s]);
-    Attention{qp + o * qkv_width, keys, values, mask_ptrs[s], m, starts[s], starts[s] + m, heads, hk, hd, capacity,
+    Attention{qp + o * qkv_width, keys, values, seqs.masks[s], m, starts[s], starts[s] + m, heads, hk, hd, capacity,
               static_cast<float>(scale), ap + o * heads * hd}
         .run();
   }

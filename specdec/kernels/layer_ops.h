@@ -302,4 +302,26 @@ inline const bool* mask_pointer(const std::optional<torch::Tensor>& mask, int64_
   return mask->data_ptr<bool>();
 }
 
+// The sequences of a batched call (decoder_forward, head_forward): where each one's rows start
+// among the n rows (offsets, one more than sequences) and its mask, checked: one cache, start,
+// row count and mask per sequence, at least one row each, the counts adding up to n.
+struct Sequences {
+  std::vector<int64_t> offsets;
+  std::vector<const bool*> masks;
+};
+
+inline Sequences sequences_of(size_t caches, const std::vector<int64_t>& starts, const std::vector<int64_t>& rows,
+                              const std::vector<std::optional<torch::Tensor>>& masks, int64_t n) {
+  TORCH_CHECK(caches > 0 && starts.size() == caches && rows.size() == caches && masks.size() == caches,
+              "one cache, start, row count and mask per sequence");
+  Sequences out{std::vector<int64_t>(caches + 1, 0), std::vector<const bool*>(caches)};
+  for (size_t s = 0; s < caches; ++s) {
+    TORCH_CHECK(rows[s] > 0 && starts[s] >= 0, "every sequence needs at least one row and a start >= 0");
+    out.offsets[s + 1] = out.offsets[s] + rows[s];
+    out.masks[s] = mask_pointer(masks[s], rows[s], starts[s] + rows[s]);
+  }
+  TORCH_CHECK(out.offsets[caches] == n, "the row counts must add up to the input's rows");
+  return out;
+}
+
 }  // namespace specdec
