@@ -363,10 +363,10 @@ class DraftHead(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """`step` for many sequences at once (a batched proposal): sequence s owns the next
         `rows[s]` rows of features [T, d], next_tokens and positions, its own cache and mask.
-        In one C++ call when the head runs on Q8_0 blocks and T is at most the stack's
-        `max_rows` (each row's result is the same alone or batched), else sequence by sequence
-        through the module's own forward."""
-        stack, limit = self._stack, self.batch_rows
+        When the head runs on Q8_0 blocks, consecutive sequences share C++ calls of up to
+        `batch_rows` rows (each row's result is the same alone or batched); a longer sequence,
+        or any without the C++ forward, runs the module's own forward on its own."""
+        stack, limit = self._stack, self.batch_rows if features.dim() == 2 else 0
         groups: list[list[int]] = []  # consecutive sequences whose rows fit one C++ call; a longer one alone
         size = limit
         for s, n in enumerate(rows):
@@ -380,7 +380,7 @@ class DraftHead(nn.Module):
         for group in groups:
             piece = slice(starts[group[0]], starts[group[-1] + 1])
             count = piece.stop - piece.start
-            if stack is None or count > limit or features.dim() != 2:
+            if count > limit:
                 (s,) = group
                 mask, cache = masks[s], caches[s]
                 if mask is None and cache.length and count > 1:  # the module's None is causal among the new rows alone
