@@ -10,6 +10,10 @@ head reads features lazily, in the next round that runs it (a round whose tree i
 lookup chain alone skips the head); the first time, only the last `TreeConfig.head_context`
 of them, while lookup chains search every token.
 
+A batched round asks the drafter once for all of its requests' trees (`Drafter.propose_many`):
+the in-process drafter grows them together (`propose_together`: per depth, one head forward
+over every session's frontier and one draft LM head product over all their rows).
+
 The gRPC client in services/ implements the same two classes, so the decode loop cannot tell
 an embedded drafter from a remote one.
 """
