@@ -15,8 +15,9 @@ round's expected tokens per second, then admits their nodes, most likely first, 
 rule. With many requests in the batch every row costs nearly a full token's compute, so trees
 shrink; where drafts are rarely accepted no node pays and the round is plain batched decoding.
 A request kept from drafting probes again after a pause that doubles with every probe that
-does not pay; where not even a proposal sure to be accepted would pay, nobody probes. The choice only changes which tree is verified, never the output: every tree
-yields the same tokens (`specdec.verify`).
+does not pay; where not even a proposal sure to be accepted would pay, nobody probes. The
+choice only changes which tree is verified, never the output: every tree yields the same
+tokens (`specdec.verify`).
 """
 
 from __future__ import annotations
@@ -182,8 +183,7 @@ class SpeculationBudget:
                 continue
             self.lookups[i] = self._could_pay(rows, sampled_rows, sizes[i], sampled[i], 0.0)
             if not self.lookups[i] or not self._could_pay(rows, sampled_rows, sizes[i], sampled[i], self.proposals.predict(backlogs[i])):
-                estimate.idle += 1
-                continue
+                continue  # left out (its idle rounds count below)
             if not estimate.history and not estimate.idle and pauses:
                 estimate.pause = pauses[len(pauses) // 2]
             own = estimate.proposals()

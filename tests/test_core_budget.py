@@ -88,6 +88,7 @@ def test_where_no_sure_draft_could_pay_nobody_probes():
     budget = SpeculationBudget(dear)
     assert budget.drafters(estimates, [True] * 4, [6] * 4, [False] * 4, [0] * 4) == [False] * 4
     assert not any(e.probing for e in estimates) and budget.lookups == [False] * 4  # not even free drafts pay
+    assert [e.idle for e in estimates] == [1001, 1, 1, 1]  # one more round left out, counted once
     budget = SpeculationBudget(LINEAR)
     assert budget.drafters([DraftEstimate() for _ in range(4)], [True] * 4, [6] * 4, [False] * 4, [0] * 4) == [True] * 4
     assert budget.lookups == [True] * 4
